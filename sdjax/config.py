@@ -1,0 +1,294 @@
+"""Frozen model configurations, read from diffusers / transformers ``config.json`` files.
+
+Each dataclass holds only what changes the computation. ``from_diffusers_config`` accepts the
+JSON dict that diffusers or transformers writes, ignores bookkeeping keys, and rejects values
+sdjax does not implement with an error naming the key, so an unsupported model never loads
+silently wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Tuple, Union
+
+
+def _read_json(path_or_dict: Union[str, Path, dict]) -> dict:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = Path(path_or_dict)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return json.loads(path.read_text())
+
+
+def _known_fields(cls, data: dict, renames: dict[str, str] | None = None) -> dict:
+    renames = renames or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        key = renames.get(key, key)
+        if key in names:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _reject(kind: str, data: dict, key: str, allowed: tuple) -> None:
+    if key in data and data[key] not in allowed:
+        raise ValueError(
+            f"{kind} config has {key}={data[key]!r}, which sdjax does not support; "
+            f"supported values: {list(allowed)}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The CLIP text tower (transformers ``CLIPTextModel``)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # transformers' legacy configs use eos_token_id=2, meaning "pool at the largest token id".
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "CLIPTextConfig":
+        data = _read_json(config)
+        _reject("text encoder", data, "hidden_act", ("quick_gelu", "gelu"))
+        return cls(**_known_fields(cls, data))
+
+    def to_diffusers_config(self) -> dict:
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "bos_token_id": 0,
+            "torch_dtype": "float32",
+            **dataclasses.asdict(self),
+        }
+
+
+_UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """diffusers ``UNet2DConditionModel`` as used by SD 1.x / 2.x."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    down_block_types: Tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: Tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    # diffusers' historical naming: this is the number of heads per block, not the head size.
+    attention_head_dim: Union[int, Tuple[int, ...]] = 8
+    num_attention_heads: Optional[Union[int, Tuple[int, ...]]] = None
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    only_cross_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    center_input_sample: bool = False
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "UNetConfig":
+        data = _read_json(config)
+        for block in data.get("down_block_types", ()):
+            _reject("unet", {"down_block_types": block}, "down_block_types", _UNET_DOWN_BLOCKS)
+        for block in data.get("up_block_types", ()):
+            _reject("unet", {"up_block_types": block}, "up_block_types", _UNET_UP_BLOCKS)
+        _reject("unet", data, "mid_block_type", ("UNetMidBlock2DCrossAttn", None))
+        _reject("unet", data, "act_fn", ("silu",))
+        _reject("unet", data, "class_embed_type", (None,))
+        _reject("unet", data, "addition_embed_type", (None,))
+        _reject("unet", data, "time_embedding_type", ("positional",))
+        _reject("unet", data, "resnet_time_scale_shift", ("default",))
+        _reject("unet", data, "dual_cross_attention", (False,))
+        _reject("unet", data, "encoder_hid_dim", (None,))
+        _reject("unet", data, "transformer_layers_per_block", (1,))
+        _reject("unet", data, "mid_block_only_cross_attention", (None, False))
+        _reject("unet", data, "conv_in_kernel", (3,))
+        _reject("unet", data, "conv_out_kernel", (3,))
+        _reject("unet", data, "time_cond_proj_dim", (None,))
+        _reject("unet", data, "projection_class_embeddings_input_dim", (None,))
+        _reject("unet", data, "num_class_embeds", (None,))
+        _reject("unet", data, "reverse_transformer_layers_per_block", (None,))
+        _reject("unet", data, "attention_type", ("default",))
+        if isinstance(data.get("only_cross_attention"), list):
+            raise ValueError("unet config: a per-block only_cross_attention list is not supported")
+        if isinstance(data.get("layers_per_block"), list):
+            raise ValueError("unet config: a per-block layers_per_block list is not supported")
+        if isinstance(data.get("cross_attention_dim"), list):
+            raise ValueError("unet config: a per-block cross_attention_dim list is not supported")
+        return cls(**_known_fields(cls, data))
+
+    def heads_per_block(self) -> Tuple[int, ...]:
+        """Number of attention heads of each down block (diffusers' resolution rule)."""
+        heads = self.num_attention_heads or self.attention_head_dim
+        if isinstance(heads, int):
+            return (heads,) * len(self.block_out_channels)
+        return tuple(heads)
+
+    def to_diffusers_config(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """diffusers ``AutoencoderKL``."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: Tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+    block_out_channels: Tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    shift_factor: Optional[float] = None
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "VAEConfig":
+        data = _read_json(config)
+        for block in data.get("down_block_types", ()):
+            _reject("vae", {"down_block_types": block}, "down_block_types", ("DownEncoderBlock2D",))
+        for block in data.get("up_block_types", ()):
+            _reject("vae", {"up_block_types": block}, "up_block_types", ("UpDecoderBlock2D",))
+        _reject("vae", data, "act_fn", ("silu",))
+        return cls(**_known_fields(cls, data))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_diffusers_config(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The noise schedule a model was trained with (``scheduler/scheduler_config.json``).
+
+    The sampler is chosen separately, by name; this only describes the model's training schedule
+    and the timestep conventions diffusers stores beside it.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
+    skip_prk_steps: bool = True
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "SchedulerConfig":
+        data = _read_json(config)
+        _reject("scheduler", data, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        _reject("scheduler", data, "prediction_type", ("epsilon", "v_prediction", "sample"))
+        _reject("scheduler", data, "timestep_spacing", ("leading", "trailing", "linspace"))
+        return cls(**_known_fields(cls, data))
+
+    def to_diffusers_config(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["trained_betas"] = list(self.trained_betas) if self.trained_betas else None
+        return {"_class_name": "PNDMScheduler", **data}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines one Stable Diffusion model, component by component."""
+
+    text_encoder: CLIPTextConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig
+    # Hidden layers to skip at the end of the text encoder (A1111's "clip skip" minus one).
+    clip_skip: int = 0
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_SD1_TEXT = CLIPTextConfig()
+_SD2_TEXT = CLIPTextConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    # OpenCLIP ViT-H has 24 layers; SD 2.x uses the penultimate one, so diffusers ships 23.
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+)
+_SD2_UNET = UNetConfig(
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+_SD_VAE = VAEConfig()
+_SD1_SCHEDULER = SchedulerConfig()
+
+SD15 = ModelConfig(_SD1_TEXT, UNetConfig(), _SD_VAE, _SD1_SCHEDULER)
+SD15_INPAINT = ModelConfig(_SD1_TEXT, UNetConfig(in_channels=9), _SD_VAE, _SD1_SCHEDULER)
+SD21_BASE = ModelConfig(_SD2_TEXT, _SD2_UNET, VAEConfig(sample_size=768), _SD1_SCHEDULER)
+SD21_V = ModelConfig(
+    _SD2_TEXT,
+    dataclasses.replace(_SD2_UNET, sample_size=96, upcast_attention=True),
+    VAEConfig(sample_size=768),
+    SchedulerConfig(prediction_type="v_prediction"),
+)
+SD2_DEPTH = ModelConfig(
+    _SD2_TEXT, dataclasses.replace(_SD2_UNET, in_channels=5), VAEConfig(sample_size=768), _SD1_SCHEDULER
+)
+
+PRESETS = {
+    "sd15": SD15,
+    "sd15-inpaint": SD15_INPAINT,
+    "sd21-base": SD21_BASE,
+    "sd21-v": SD21_V,
+    "sd2-depth": SD2_DEPTH,
+}
