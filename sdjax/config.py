@@ -57,6 +57,7 @@ class CLIPTextConfig:
     # transformers' legacy configs use eos_token_id=2, meaning "pool at the largest token id".
     eos_token_id: int = 2
     pad_token_id: int = 1
+    bos_token_id: int = 0
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "CLIPTextConfig":
@@ -68,7 +69,6 @@ class CLIPTextConfig:
         return {
             "architectures": ["CLIPTextModel"],
             "model_type": "clip_text_model",
-            "bos_token_id": 0,
             "torch_dtype": "float32",
             **dataclasses.asdict(self),
         }

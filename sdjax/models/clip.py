@@ -1,0 +1,248 @@
+"""The CLIP text encoder (transformers ``CLIPTextModel``) in flax.linen.
+
+SD 1.x uses OpenAI's ViT-L/14 text tower (quick_gelu), SD 2.x OpenCLIP's ViT-H text tower (exact
+erf gelu); both are pre-norm transformers with a causal mask and a final layer norm. The module
+tree mirrors the transformers state-dict keys without the ``text_model.`` prefix
+(``encoder.layers.0.self_attn.q_proj.weight`` -> ``encoder/layers_0/self_attn/q_proj/kernel``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sdjax.config import CLIPTextConfig
+from sdjax.convert import flax_to_torch, torch_to_flax
+from sdjax.models.layers import attention
+
+Dtype = Any
+
+# transformers' checkpoints from before PR #24773 set eos_token_id=2 and pool at the largest token id.
+_LEGACY_EOS_TOKEN_ID = 2
+_CHECKPOINT_PREFIX = "text_model."
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's sigmoid approximation of gelu."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    # transformers' "gelu" is torch's exact erf gelu, not the tanh approximation.
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"CLIP hidden_act={name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class CLIPTextEmbeddings(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        embed = functools.partial(
+            nn.Embed, features=self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        tokens = embed(self.config.vocab_size, name="token_embedding")(input_ids)
+        positions = embed(self.config.max_position_embeddings, name="position_embedding")(
+            jnp.arange(input_ids.shape[-1])
+        )
+        return tokens + positions[None]
+
+
+class CLIPAttention(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        batch, seq, width = hidden.shape
+        heads = self.config.num_attention_heads
+        dense = functools.partial(nn.Dense, width, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def split_heads(x: jax.Array) -> jax.Array:
+            return x.reshape(batch, seq, heads, width // heads)
+
+        q = split_heads(dense(name="q_proj")(hidden))
+        k = split_heads(dense(name="k_proj")(hidden))
+        v = split_heads(dense(name="v_proj")(hidden))
+        out = attention(q, k, v, is_causal=True, implementation=self.attention_implementation)
+        return dense(name="out_proj")(out.reshape(batch, seq, width))
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = dense(self.config.intermediate_size, name="fc1")(hidden)
+        hidden = _activation(self.config.hidden_act)(hidden)
+        return dense(self.config.hidden_size, name="fc2")(hidden)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        norm = functools.partial(
+            nn.LayerNorm, epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        hidden = hidden + CLIPAttention(
+            self.config, self.dtype, self.param_dtype, self.attention_implementation, name="self_attn"
+        )(norm(name="layer_norm1")(hidden))
+        return hidden + CLIPMLP(self.config, self.dtype, self.param_dtype, name="mlp")(
+            norm(name="layer_norm2")(hidden)
+        )
+
+
+class CLIPEncoder(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    def setup(self):
+        # A list attribute in setup names its entries layers_0, layers_1, ... like the checkpoint.
+        self.layers = [
+            CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.attention_implementation)
+            for _ in range(self.config.num_hidden_layers)
+        ]
+
+    def __call__(self, hidden: jax.Array, num_layers: int) -> list[jax.Array]:
+        """The outputs of the first ``num_layers`` layers, in order."""
+        outputs = []
+        for layer in self.layers[:num_layers]:
+            hidden = layer(hidden)
+            outputs.append(hidden)
+        return outputs
+
+
+def pool_at_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """(B, T, D) -> (B, D) at each sequence's end-of-text token, by transformers' rule.
+
+    Legacy configs (eos_token_id == 2) pool at the largest token id; others at the first position
+    holding ``eos_token_id`` (position 0 if there is none, as in transformers).
+    """
+    if eos_token_id == _LEGACY_EOS_TOKEN_ID:
+        position = jnp.argmax(input_ids, axis=-1)
+    else:
+        position = jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
+
+
+class CLIPTextModel(nn.Module):
+    """transformers ``CLIPTextModel``: token ids (B, T) -> final-layer-normed hidden states (B, T, D).
+
+    ``skip_layers=k`` drops the last k encoder layers before the final layer norm, which is
+    diffusers' ``clip_skip=k`` (hidden_states[-(k + 1)] through final_layer_norm).
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    def setup(self):
+        self.embeddings = CLIPTextEmbeddings(self.config, self.dtype, self.param_dtype)
+        self.encoder = CLIPEncoder(
+            self.config, self.dtype, self.param_dtype, self.attention_implementation
+        )
+        self.final_layer_norm = nn.LayerNorm(
+            epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+    def __call__(self, input_ids: jax.Array, skip_layers: int = 0) -> jax.Array:
+        self._check_inputs(input_ids, skip_layers)
+        num_layers = self.config.num_hidden_layers - skip_layers
+        layer_outputs = self.encoder(self.embeddings(input_ids), num_layers)
+        return self.final_layer_norm(layer_outputs[-1])
+
+    def encode_with_pooled(self, input_ids: jax.Array, skip_layers: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(hidden states as ``__call__`` returns them, pooled (B, D) as transformers' pooler_output).
+
+        The pooled vector always comes from the full-depth, final-layer-normed output, whatever
+        ``skip_layers`` is (as diffusers' SDXL pipelines use it).
+        """
+        self._check_inputs(input_ids, skip_layers)
+        layer_outputs = self.encoder(self.embeddings(input_ids), self.config.num_hidden_layers)
+        last = self.final_layer_norm(layer_outputs[-1])
+        hidden = self.final_layer_norm(layer_outputs[-1 - skip_layers]) if skip_layers else last
+        return hidden, pool_at_eos(last, input_ids, self.config.eos_token_id)
+
+    def _check_inputs(self, input_ids: jax.Array, skip_layers: int) -> None:
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be integer token ids shaped (batch, seq); "
+                f"got shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
+            )
+        max_len = self.config.max_position_embeddings
+        if input_ids.shape[1] > max_len:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens, more than the text encoder's "
+                f"max_position_embeddings={max_len}"
+            )
+        layers = self.config.num_hidden_layers
+        if not isinstance(skip_layers, (int, np.integer)) or not 0 <= skip_layers < layers:
+            raise ValueError(
+                f"skip_layers={skip_layers!r} is out of range: it must be an int in [0, {layers - 1}] "
+                f"for a text encoder with {layers} layers"
+            )
+
+
+def _param_shapes(config: CLIPTextConfig) -> dict:
+    model = CLIPTextModel(config)
+    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+
+
+def text_encoder_params_from_state_dict(
+    state_dict: Mapping[str, Any], config: CLIPTextConfig, dtype: Dtype = None
+) -> dict:
+    """A transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) -> Flax params.
+
+    The non-persistent ``embeddings.position_ids`` buffer, which older checkpoints contain, is ignored.
+    """
+    stripped: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key[len(_CHECKPOINT_PREFIX):] if key.startswith(_CHECKPOINT_PREFIX) else key
+        if name in stripped:
+            raise ValueError(
+                f"text encoder state dict holds {name!r} both with and without the "
+                f"{_CHECKPOINT_PREFIX!r} prefix; give one or the other"
+            )
+        stripped[name] = value
+    return torch_to_flax(
+        stripped,
+        _param_shapes(config),
+        what="text encoder checkpoint",
+        ignore=[r"embeddings\.position_ids"],
+        dtype=dtype,
+    )
+
+
+def text_encoder_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params -> transformers state dict with ``text_model.`` keys (loads in transformers 4 and 5)."""
+    return {_CHECKPOINT_PREFIX + key: value for key, value in flax_to_torch(params).items()}
