@@ -1,0 +1,161 @@
+"""The ``sdjax`` command line: a thin layer over ``sdjax.StableDiffusion``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 512x768), got {text!r}") from None
+    return width, height
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--negative", default=None, help="negative prompt")
+    parser.add_argument("--model", default=None, help="diffusers folder or hub repo id (default: the built-in model)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images")
+    parser.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's native size)")
+    parser.add_argument("--scheduler", default="dpmpp_2m")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on TPU/GPU, float32 on CPU")
+    parser.add_argument("--parallel", choices=("pmap", "mesh"), default="mesh")
+    parser.add_argument("--out", default="outputs", help="output folder, or a .png file name")
+    parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generation_options(commands.add_parser("generate", help="text to image"))
+    info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
+    info.add_argument("--model", default=None)
+    return parser
+
+
+def enable_compilation_cache() -> Path:
+    """JAX's persistent compilation cache, so a second run of the same shape skips compiling."""
+    import jax
+
+    cache = Path(os.environ.get("SDJAX_CACHE_DIR", Path.home() / ".cache" / "sdjax" / "jax"))
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return cache
+
+
+def load_model(model: Optional[str], dtype: Optional[str] = None):
+    from sdjax.pipeline import StableDiffusion
+
+    if model is None:
+        return StableDiffusion.default(dtype=dtype)
+    return StableDiffusion.from_pretrained(model, dtype=dtype)
+
+
+def output_paths(out: str, count: int, seed: int) -> list[Path]:
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        if count == 1:
+            return [target]
+        return [target.with_name(f"{target.stem}_{i}.png") for i in range(count)]
+    return [target / f"sdjax_{seed}_{i}.png" for i in range(count)]
+
+
+def png_parameters(args, width: int, height: int, seed: int) -> str:
+    """The A1111-style ``parameters`` text other Stable Diffusion tools read back."""
+    lines = [args.prompt]
+    if args.negative:
+        lines.append(f"Negative prompt: {args.negative}")
+    lines.append(
+        f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model: {args.model or 'sdjax-builtin'}, Generator: sdjax"
+    )
+    return "\n".join(lines)
+
+
+def save_images(images, paths: list[Path], texts: list[str]) -> None:
+    from PIL import PngImagePlugin
+
+    for image, path, text in zip(images, paths, texts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        image.save(path, pnginfo=info)
+        print(path)
+
+
+def cmd_generate(args) -> int:
+    enable_compilation_cache()
+    sd = load_model(args.model, args.dtype)
+    sd._executor.verbose = True
+    width, height = args.size if args.size else (sd.native_size, sd.native_size)
+    images = sd.text_to_image(
+        args.prompt,
+        args.negative,
+        num_images_per_prompt=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        height=height,
+        width=width,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        parallel_mode=args.parallel,
+        progress=not args.no_progress,
+    )
+    paths = output_paths(args.out, len(images), args.seed)
+    texts = [png_parameters(args, width, height, args.seed) + f", Image index: {i}" for i in range(len(images))]
+    save_images(images, paths, texts)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import jax
+
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}")
+    for device in jax.devices():
+        print(f"  device {device.id}: {device.device_kind} ({device.platform})")
+    sd = load_model(args.model)
+    config = sd.config
+    print(f"model: {args.model or 'built-in'}")
+    print(f"  native size: {sd.native_size}px, dtype {sd.dtype}")
+    print(
+        f"  text encoder: {config.text_encoder.num_hidden_layers} layers, width {config.text_encoder.hidden_size}, "
+        f"{config.text_encoder.hidden_act}"
+    )
+    print(
+        f"  unet: in_channels {config.unet.in_channels}, blocks {list(config.unet.block_out_channels)}, "
+        f"heads {list(config.unet.heads_per_block())}, cross-attention {config.unet.cross_attention_dim}"
+    )
+    print(f"  vae: {config.vae.downsample_factor}x downsampling, scaling factor {config.vae.scaling_factor}")
+    print(f"  scheduler: {config.scheduler.prediction_type}, {config.scheduler.beta_schedule} betas")
+    counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in sd.params.items()}
+    print("  parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items()))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

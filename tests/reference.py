@@ -1,0 +1,151 @@
+"""Tiny random PyTorch reference models (diffusers / transformers), saved with save_pretrained.
+
+sdjax never imports torch at run time; the tests build the reference here, save it in the
+diffusers layout and load those files through sdjax's real loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+
+TINY_CLIP = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter a random value, so zero-initialised layers (conv_out, proj_out) are tested too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("weight") and param.ndim == 1:  # norm scales near 1
+                param.copy_(1.0 + std * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    return module.eval()
+
+
+def save_unet(path: Path, seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    seeded(seed)
+    model = randomize_(UNet2DConditionModel(**{**TINY_UNET, **overrides}), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def save_vae(path: Path, seed: int = 0, **overrides):
+    from diffusers import AutoencoderKL
+
+    seeded(seed)
+    model = randomize_(AutoencoderKL(**{**TINY_VAE, **overrides}), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def save_text_encoder(path: Path, seed: int = 0, **overrides):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    seeded(seed)
+    model = randomize_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, **overrides})), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def rel_err(ours, ref) -> float:
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def save_pipeline(
+    path: Path,
+    seed: int = 0,
+    unet: dict | None = None,
+    vae: dict | None = None,
+    text_encoder: dict | None = None,
+    scheduler: dict | None = None,
+):
+    """A whole tiny diffusers StableDiffusionPipeline (random weights, bundled CLIP tokenizer), saved to ``path``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdjax.tokenizer import bundled_tokenizer_dir
+
+    seeded(seed)
+    unet_model = randomize_(UNet2DConditionModel(**{**TINY_UNET, "sample_size": 8, **(unet or {})}), seed)
+    vae_model = randomize_(AutoencoderKL(**{**TINY_VAE, **(vae or {})}), seed + 1)
+    text_model = randomize_(CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, **(text_encoder or {})})), seed + 2)
+    pipe = StableDiffusionPipeline(
+        unet=unet_model,
+        vae=vae_model,
+        text_encoder=text_model,
+        tokenizer=CLIPTokenizer.from_pretrained(str(bundled_tokenizer_dir())),
+        scheduler=PNDMScheduler(
+            **{
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "skip_prk_steps": True,
+                "steps_offset": 1,
+                "set_alpha_to_one": False,
+                **(scheduler or {}),
+            }
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
