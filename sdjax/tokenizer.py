@@ -18,14 +18,15 @@ def bundled_tokenizer_dir() -> Path:
 
 
 def load_tokenizer(path: str | Path | None = None) -> transformers.CLIPTokenizer:
-    """CLIPTokenizer from a folder with vocab.json and merges.txt; None means the bundled one."""
+    """CLIPTokenizer from a folder with vocab.json and merges.txt (or tokenizer.json); None: the bundled one."""
     folder = bundled_tokenizer_dir() if path is None else Path(path)
     missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
     # transformers 5 writes only the fast tokenizer's tokenizer.json; that is enough too.
     if missing and not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"no CLIP tokenizer at {folder}: missing {', '.join(missing)}; expected a folder with "
-            f"{' and '.join(_REQUIRED_FILES)} or tokenizer.json (a diffusers model's tokenizer/ folder), or path=None for the bundled one"
+            f"{' and '.join(_REQUIRED_FILES)} or tokenizer.json (a diffusers model's tokenizer/ folder), "
+            "or path=None for the bundled one"
         )
     return transformers.CLIPTokenizer.from_pretrained(str(folder))
 
