@@ -120,7 +120,17 @@ class UNetConfig:
             _reject("unet", {"down_block_types": block}, "down_block_types", _UNET_DOWN_BLOCKS)
         for block in data.get("up_block_types", ()):
             _reject("unet", {"up_block_types": block}, "up_block_types", _UNET_UP_BLOCKS)
-        _reject("unet", data, "mid_block_type", ("UNetMidBlock2DCrossAttn", None))
+        # An explicit null means "no mid block" in diffusers; sdjax always builds one.
+        _reject("unet", data, "mid_block_type", ("UNetMidBlock2DCrossAttn",))
+        _reject("unet", data, "mid_block_scale_factor", (1,))
+        _reject("unet", data, "resnet_out_scale_factor", (1,))
+        _reject("unet", data, "resnet_skip_time_act", (False,))
+        _reject("unet", data, "time_embedding_dim", (None,))
+        _reject("unet", data, "time_embedding_act_fn", (None,))
+        _reject("unet", data, "timestep_post_act", (None,))
+        _reject("unet", data, "cross_attention_norm", (None,))
+        _reject("unet", data, "class_embeddings_concat", (False,))
+        _reject("unet", data, "encoder_hid_dim_type", (None,))
         _reject("unet", data, "act_fn", ("silu",))
         _reject("unet", data, "class_embed_type", (None,))
         _reject("unet", data, "addition_embed_type", (None,))

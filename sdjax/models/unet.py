@@ -1,0 +1,209 @@
+"""The Stable Diffusion 1.x / 2.x conditional U-Net (diffusers ``UNet2DConditionModel``), NHWC.
+
+Submodules carry the diffusers state-dict names (``down_blocks_1/attentions_0/...``), so weights
+convert mechanically. The skip connections follow diffusers exactly: the conv_in output, every
+resnet (+attention) output of each down block and every downsampler output are pushed, and each up
+block pops ``layers_per_block + 1`` of them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sdjax.config import UNetConfig
+from sdjax.models.layers import (
+    Downsample2D,
+    Dtype,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    conv,
+    group_norm,
+    timestep_embedding,
+)
+
+
+def _transformer(config: UNetConfig, heads: int, channels: int, implementation, dtype, param_dtype, name: str,
+                 only_cross_attention: bool) -> Transformer2DModel:
+    return Transformer2DModel(
+        heads=heads,
+        head_dim=channels // heads,
+        norm_num_groups=config.norm_num_groups,
+        use_linear_projection=config.use_linear_projection,
+        only_cross_attention=only_cross_attention,
+        upcast=config.upcast_attention,
+        implementation=implementation,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class UNetDownBlock(nn.Module):
+    """``CrossAttnDownBlock2D`` (``with_attention``) or ``DownBlock2D``: resnets, optional transformers, downsampler."""
+
+    config: UNetConfig
+    out_channels: int
+    heads: int
+    with_attention: bool
+    add_downsample: bool
+    attention_implementation: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        skips = []
+        for i in range(cfg.layers_per_block):
+            resnet = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name=f"resnets_{i}")
+            x = resnet(x, temb)
+            if self.with_attention:
+                x = _transformer(cfg, self.heads, self.out_channels, self.attention_implementation, dt, pdt,
+                                 f"attentions_{i}", cfg.only_cross_attention)(x, context)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, cfg.downsample_padding, dt, pdt, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetUpBlock(nn.Module):
+    """``CrossAttnUpBlock2D`` (``with_attention``) or ``UpBlock2D``: each resnet first concatenates one skip."""
+
+    config: UNetConfig
+    out_channels: int
+    heads: int
+    with_attention: bool
+    add_upsample: bool
+    attention_implementation: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips: Sequence[jax.Array], temb, context, upsample_size=None):
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        for i, skip in enumerate(reversed(skips)):
+            x = jnp.concatenate([x, skip], axis=-1)
+            resnet = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name=f"resnets_{i}")
+            x = resnet(x, temb)
+            if self.with_attention:
+                x = _transformer(cfg, self.heads, self.out_channels, self.attention_implementation, dt, pdt,
+                                 f"attentions_{i}", cfg.only_cross_attention)(x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, dt, pdt, name="upsamplers_0")(x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet -> transformer -> resnet at the lowest resolution (always with self-attention)."""
+
+    config: UNetConfig
+    heads: int
+    attention_implementation: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        channels = x.shape[-1]
+        x = ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name="resnets_0")(x, temb)
+        # diffusers does not pass only_cross_attention to the mid block.
+        x = _transformer(cfg, self.heads, channels, self.attention_implementation, dt, pdt, "attentions_0", False)(
+            x, context
+        )
+        return ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name="resnets_1")(x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """Predicts noise (or v) from NHWC latents, timesteps and text embeddings.
+
+    ``__call__(sample, timesteps, encoder_hidden_states)``: sample (B, H, W, in_channels) with H and W
+    of at least ``2 ** (len(block_out_channels) - 1)`` (other sizes than multiples of it work, as in
+    diffusers: each upsampler resizes to its skip connection); timesteps a scalar or (B,) array;
+    encoder_hidden_states (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in ``dtype``.
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: Optional[str] = None
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def _check_inputs(self, sample, timesteps, context) -> None:
+        cfg = self.config
+        if sample.ndim != 4:
+            raise ValueError(f"U-Net sample must be NHWC (batch, height, width, channels); got shape {sample.shape}")
+        batch, height, width, channels = sample.shape
+        if channels != cfg.in_channels:
+            raise ValueError(
+                f"U-Net sample has {channels} channels; this model expects in_channels={cfg.in_channels} "
+                f"(NHWC layout, channels last)"
+            )
+        factor = self.downsample_factor
+        for label, size in (("height", height), ("width", width)):
+            if size < factor:
+                raise ValueError(
+                    f"U-Net latent {label} {size} is too small: the U-Net halves the resolution "
+                    f"{len(cfg.block_out_channels) - 1} times, so latents need a {label} of at least {factor}"
+                )
+        if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (batch, tokens, {cfg.cross_attention_dim}); got shape {context.shape}"
+            )
+        if jnp.ndim(timesteps) > 1 or jnp.size(timesteps) not in (1, batch):
+            raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got shape {jnp.shape(timesteps)}")
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+        cfg, dt, pdt, impl = self.config, self.dtype, self.param_dtype, self.attention_implementation
+        self._check_inputs(sample, timesteps, encoder_hidden_states)
+        batch = sample.shape[0]
+        heads = cfg.heads_per_block()
+        channels = cfg.block_out_channels
+        context = encoder_hidden_states.astype(dt)
+
+        x = sample.astype(dt)
+        if cfg.center_input_sample:
+            x = 2 * x - 1.0
+
+        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
+        t_emb = timestep_embedding(
+            t, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
+        )
+        temb = TimestepEmbedding(4 * channels[0], dt, pdt, name="time_embedding")(t_emb)
+
+        x = conv(channels[0], 3, dt, pdt, "conv_in")(x)
+        skips = [x]
+        for i, block_type in enumerate(cfg.down_block_types):
+            x, block_skips = UNetDownBlock(
+                cfg, channels[i], heads[i], with_attention=block_type == "CrossAttnDownBlock2D",
+                add_downsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
+                name=f"down_blocks_{i}",
+            )(x, temb, context)
+            skips.extend(block_skips)
+
+        x = UNetMidBlock2DCrossAttn(cfg, heads[-1], impl, dt, pdt, name="mid_block")(x, temb, context)
+
+        up_channels, up_heads = channels[::-1], heads[::-1]
+        per_block = cfg.layers_per_block + 1
+        for i, block_type in enumerate(cfg.up_block_types):
+            block_skips, skips = skips[-per_block:], skips[:-per_block]
+            upsample_size = skips[-1].shape[1:3] if skips else None
+            x = UNetUpBlock(
+                cfg, up_channels[i], up_heads[i], with_attention=block_type == "CrossAttnUpBlock2D",
+                add_upsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
+                name=f"up_blocks_{i}",
+            )(x, block_skips, temb, context, upsample_size)
+
+        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, pdt, "conv_norm_out")(x))
+        return conv(cfg.out_channels, 3, dt, pdt, "conv_out")(x)
