@@ -1,0 +1,126 @@
+"""The denoising loop: one ``lax.scan`` over model evaluations, and classifier-free guidance.
+
+``sample`` never leaves the device: the schedule's arrays, the sampler state and the per-image
+noise all live in the scan carry or are computed from the step index.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdjax import schedulers
+from sdjax.schedulers import Schedule
+
+
+def step_noise(keys: jax.Array, i, shape, dtype=jnp.float32) -> jax.Array:
+    """Gaussian noise of evaluation ``i``: image b draws from ``fold_in(keys[b], i)``, so its noise
+    depends only on its own key. ``keys`` is (B, 2) raw uint32 keys or (B,) typed keys."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), shape[1:], dtype))(keys)
+
+
+def denoise_step(model_fn, schedule: Schedule, x, state, i, noise=None):
+    """One model evaluation and the scheduler step after it (all in fp32).
+
+    ``noise`` is the Gaussian noise stochastic samplers inject at this evaluation (ignored by
+    deterministic ones; zeros when omitted).
+    """
+    x_in, t = schedulers.model_input(schedule, i, x)
+    raw = model_fn(x_in, t).astype(jnp.float32)
+    if noise is None:
+        noise = jnp.zeros_like(x)
+    return schedulers.step(schedule, i, x, state, raw, noise.astype(jnp.float32))
+
+
+def sample(
+    model_fn: Callable,
+    x_init: jax.Array,
+    key: Optional[jax.Array],
+    schedule: Schedule,
+    *,
+    start_step=0,
+    noise_fn: Optional[Callable] = None,
+    callback: Optional[Callable] = None,
+) -> jax.Array:
+    """Run the sampler from ``x_init`` and return the final sample (fp32).
+
+    model_fn(x_model_input, t) -> raw model output (epsilon, v or x0, as the model was trained);
+        ``t`` is the diffusers timestep of the evaluation, a float32 scalar.
+    x_init: the initial sample, already scaled (noise * schedule.init_noise_sigma for
+        text-to-image, ``add_noise(schedule, x0, noise, start_step)`` for image-to-image).
+    key: per-image PRNG keys, (B, 2) raw or (B,) typed; only stochastic samplers use them, drawing
+        the noise of evaluation i from ``fold_in(key[b], i)``. May be None for deterministic ones.
+    start_step: first inference step to run (image-to-image strength). It may be traced: the scan
+        always runs all ``schedule.num_evals`` evaluations and evaluations before
+        ``start_step * schedule.order`` are skipped by ``lax.cond`` (no model call, x unchanged),
+        so changing it does not recompile. The sampler state starts fresh at the first run
+        evaluation, exactly as diffusers' image-to-image pipelines slice ``scheduler.timesteps``.
+    noise_fn(i) -> noise: overrides the per-step noise (tests inject diffusers' draws).
+    callback(i): called through ``jax.debug.callback`` after each evaluation that runs.
+    """
+    x = jnp.asarray(x_init, jnp.float32)
+    state = schedulers.init_state(schedule, x)
+    first = schedulers.first_eval(schedule, start_step)
+
+    def noise_at(i):
+        if not schedule.stochastic:
+            return None
+        if noise_fn is not None:
+            return noise_fn(i)
+        if key is None:
+            raise ValueError(f"scheduler {schedule.name!r} is stochastic: pass per-image keys to sample()")
+        return step_noise(key, i, x.shape)
+
+    def run(carry, i):
+        x, state = denoise_step(model_fn, schedule, *carry, i, noise_at(i))
+        if callback is not None:
+            jax.debug.callback(callback, i)
+        return x, state
+
+    def body(carry, i):
+        return lax.cond(i >= first, run, lambda carry, i: carry, carry, i), None
+
+    (x, _), _ = lax.scan(body, (x, state), jnp.arange(schedule.num_evals))
+    return x
+
+
+def classifier_free_guidance(
+    unet_fn: Callable,
+    cond_context: jax.Array,
+    uncond_context: jax.Array,
+    guidance_scale,
+    guidance_rescale=0.0,
+) -> Callable:
+    """Wrap ``unet_fn(x, t, context)`` into a guided ``model_fn(x, t)``.
+
+    One U-Net call on the batch [uncond; cond] (x repeated, t passed through unchanged), then
+    uncond + scale * (cond - uncond) in fp32. ``guidance_scale`` is a scalar or a per-image (B,)
+    array and may be traced. ``guidance_rescale`` (arXiv:2305.08891 §3.4, diffusers'
+    ``rescale_noise_cfg``) blends in the guided output rescaled to the conditional output's
+    per-image standard deviation; a literal 0 skips it.
+    """
+    skip_rescale = isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0
+    context = jnp.concatenate([uncond_context, cond_context], axis=0)
+
+    def model_fn(x, t):
+        out = unet_fn(jnp.concatenate([x, x], axis=0), t, context).astype(jnp.float32)
+        uncond, cond = jnp.split(out, 2, axis=0)
+        scale = _per_image(guidance_scale, x.ndim)
+        guided = uncond + scale * (cond - uncond)
+        if skip_rescale:
+            return guided
+        axes = tuple(range(1, x.ndim))
+        std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
+        std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+        rescale = _per_image(guidance_rescale, x.ndim)
+        return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
+
+    return model_fn
+
+
+def _per_image(value, ndim):
+    value = jnp.asarray(value, jnp.float32)
+    return value.reshape(value.shape + (1,) * (ndim - value.ndim)) if value.ndim else value
