@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -80,7 +81,7 @@ def generate(params, batch: dict, schedule, *, models: Models, latent_shape: tup
 
     model_fn = classifier_free_guidance(unet_fn, cond_context, uncond_context, batch["guidance"])
     sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(batch["keys"])
-    callback = parallel.progress_bar if progress else None
+    callback = partial(parallel.progress_bar, total=schedule.num_evals) if progress else None
     latents = sample(model_fn, x, sampler_keys, schedule, callback=callback)
     if output == "latent":
         return latents

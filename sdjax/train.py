@@ -68,7 +68,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, *, ema: boo
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        ema_params=params if ema else None,
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,  # own buffers: the step donates both
     )
 
 

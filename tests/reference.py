@@ -6,6 +6,7 @@ diffusers layout and load those files through sdjax's real loader.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -148,4 +149,10 @@ def save_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
+    # Like the real SD 1.x/2.x scheduler configs, state clip_sample explicitly (DDIM's default is True).
+    config_file = Path(path) / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault("clip_sample", False)
+    config_file.write_text(json.dumps(config, indent=2))
+    pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
     return pipe

@@ -1,0 +1,207 @@
+"""Train sdjax's built-in model from a seed: a small SD-architecture model on the procedural shapes data.
+
+Phase 1 trains the AutoencoderKL on 64x64 images; phase 2 encodes a fixed data set to latents once and
+trains the CLIP text encoder and the U-Net together on the diffusion loss, with caption dropout so
+classifier-free guidance works. The EMA weights are written in the diffusers layout to --out.
+
+    python scripts/train_builtin.py --out sdjax/assets/builtin --workdir runs/builtin
+
+Both phases checkpoint to --workdir and resume from there when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import data, train
+from sdjax.config import CLIPTextConfig, ModelConfig, SchedulerConfig, UNetConfig, VAEConfig
+from sdjax.models.clip import CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models.vae import AutoencoderKL
+from sdjax.pipeline import StableDiffusion
+from sdjax.schedulers import training_alphas_cumprod
+from sdjax.tokenizer import load_tokenizer, tokenize
+
+IMAGE_SIZE = 64
+
+BUILTIN = ModelConfig(
+    text_encoder=CLIPTextConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ),
+    unet=UNetConfig(
+        sample_size=IMAGE_SIZE // 8,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=64,
+    ),
+    vae=VAEConfig(
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,  # replaced by 1/std of the trained encoder's latents
+    ),
+    scheduler=SchedulerConfig(),
+)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def batches(num: int, batch_size: int, seed: int):
+    """Endless shuffled index batches over ``num`` examples."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(num)
+        for start in range(0, num - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def run_phase(name, step_fn, state, frozen, make_batch, key, steps, workdir: Path, every: int = 500):
+    """Steps with periodic checkpoints; resumes from ``workdir/name.ckpt`` when it exists."""
+    ckpt = workdir / f"{name}.ckpt"
+    if ckpt.exists():
+        state, _ = train.restore_checkpoint(ckpt, state)
+        print(f"{name}: resumed at step {int(state.step)}", flush=True)
+    log = train.LossLog(workdir / f"{name}_log.jsonl", every=50, total=steps)
+    mesh = step_fn.mesh
+    state = train.place_state(state, mesh)
+    frozen = train.place_state(frozen, mesh)
+    start = int(state.step)
+    for step in range(start, steps):
+        batch = train.place_batch(make_batch(step), mesh)
+        state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
+        log(step + 1, metrics)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            train.save_checkpoint(ckpt, state)
+    return state
+
+
+def train_vae(args, workdir: Path):
+    vae = AutoencoderKL(config=BUILTIN.vae)
+    images = to_model_range(data.make_dataset(args.num_images, seed=args.seed, image_size=IMAGE_SIZE)[0])
+    params = vae.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))["params"]
+    optimizer = train.adamw(args.vae_lr, warmup_steps=200, total_steps=args.vae_steps, weight_decay=0.0)
+
+    def loss_fn(p, frozen, batch, key):
+        return train.vae_loss(vae, p, batch, key, kl_weight=args.kl_weight)
+
+    step_fn = train.make_train_step(loss_fn, optimizer, ema_decay=None)
+    index = batches(len(images), args.vae_batch, args.seed)
+    crop = args.vae_crop
+
+    def make_batch(step):
+        # The autoencoder is convolutional: random crops teach it the same at a fraction of the cost.
+        offsets = np.random.default_rng([args.seed, step]).integers(0, IMAGE_SIZE - crop + 1, size=2)
+        return images[next(index), offsets[0] : offsets[0] + crop, offsets[1] : offsets[1] + crop]
+
+    state = train.init_state(params, optimizer, ema=False)
+    state = run_phase("vae", step_fn, state, {}, make_batch, jax.random.PRNGKey(args.seed + 1), args.vae_steps, workdir)
+    return vae, jax.device_get(state.params), images
+
+
+def encode_dataset(vae, params, images, batch_size: int = 256) -> np.ndarray:
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
+    return np.concatenate([np.asarray(encode(params, images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def train_denoiser(args, workdir: Path, latents: np.ndarray, captions: list[str], scaling_factor: float):
+    text_encoder = CLIPTextModel(config=BUILTIN.text_encoder)
+    unet = UNet2DConditionModel(config=BUILTIN.unet)
+    tokenizer = load_tokenizer()
+    ids, _ = tokenize(tokenizer, captions)
+    empty_ids, _ = tokenize(tokenizer, [""])
+    key = jax.random.PRNGKey(args.seed + 2)
+    latent_size = IMAGE_SIZE // 8
+    params = {
+        "text_encoder": text_encoder.init(key, jnp.asarray(ids[:1]))["params"],
+        "unet": unet.init(
+            key,
+            jnp.zeros((1, latent_size, latent_size, 4)),
+            jnp.zeros((1,)),
+            jnp.zeros((1, 77, BUILTIN.unet.cross_attention_dim)),
+        )["params"],
+    }
+    schedule = jnp.asarray(training_alphas_cumprod(BUILTIN.scheduler, zero_snr=True, terminal_fix=False))
+    optimizer = train.adamw(args.unet_lr, warmup_steps=500, total_steps=args.unet_steps)
+    scaled = latents * scaling_factor
+
+    def loss_fn(p, frozen, batch, key):
+        drop_key, loss_key = jax.random.split(key)
+        batch_ids = train.caption_dropout(drop_key, batch["ids"], frozen["empty_ids"], args.caption_dropout)
+        context = text_encoder.apply({"params": p["text_encoder"]}, batch_ids)
+
+        def predict(noisy, t):
+            return unet.apply({"params": p["unet"]}, noisy, t, context)
+
+        return train.diffusion_loss(predict, batch["latents"], loss_key, frozen["alphas_cumprod"])
+
+    step_fn = train.make_train_step(loss_fn, optimizer, ema_decay=args.ema_decay)
+    index = batches(len(scaled), args.unet_batch, args.seed + 3)
+
+    def make_batch(step):
+        chosen = next(index)
+        return {"latents": scaled[chosen], "ids": ids[chosen]}
+
+    state = train.init_state(params, optimizer)
+    frozen = {"empty_ids": jnp.asarray(empty_ids[0]), "alphas_cumprod": schedule}
+    state = run_phase("denoiser", step_fn, state, frozen, make_batch, key, args.unet_steps, workdir)
+    return jax.device_get(state.ema_params), tokenizer
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="sdjax/assets/builtin")
+    parser.add_argument("--workdir", default="runs/builtin")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=20000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-crop", type=int, default=32, help="side of the random training crops")
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-batch", type=int, default=64)
+    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    vae, vae_params, images = train_vae(args, workdir)
+    latents = encode_dataset(vae, vae_params, images)
+    scaling_factor = float(1.0 / latents.std())
+    print(f"latent std {latents.std():.4f} -> scaling_factor {scaling_factor:.5f}", flush=True)
+    _, captions, _ = data.make_dataset(args.num_images, seed=args.seed, image_size=IMAGE_SIZE)
+    denoiser_params, tokenizer = train_denoiser(args, workdir, latents, captions, scaling_factor)
+
+    config = BUILTIN.replace(vae=BUILTIN.vae.__class__(**{**BUILTIN.vae.__dict__, "scaling_factor": scaling_factor}))
+    params = {**denoiser_params, "vae": vae_params}
+    StableDiffusion(config, params, tokenizer, dtype=jnp.float32).save_pretrained(args.out)
+    elapsed = time.time() - started
+    summary = {"seconds": round(elapsed), "devices": [d.device_kind for d in jax.devices()], "args": vars(args)}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.out} in {elapsed / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

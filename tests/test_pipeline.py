@@ -1,0 +1,152 @@
+"""Text-to-image end to end against diffusers' PyTorch StableDiffusionPipeline on the same files and noise."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import reference
+from reference import nchw, rel_err
+from sdjax.pipeline import StableDiffusion
+
+DIFFUSERS_CLASSES = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+PROMPTS = ["a red circle on a blue background", "a green square"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_pipeline")
+    reference.save_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd(model_dir):
+    return StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decode(sd, latents):
+    """Our latents decoded in fp32 and mapped to [0, 1] the way diffusers' output_type='np' does."""
+    images = sd.vae.apply({"params": sd.params["vae"]}, latents / sd.config.vae.scaling_factor, method="decode")
+    return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
+
+
+@pytest.mark.parametrize("scheduler", list(DIFFUSERS_CLASSES))
+def test_text_to_image_matches_diffusers(sd, torch_pipe, scheduler):
+    import diffusers
+
+    torch_pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASSES[scheduler]).from_config(torch_pipe.scheduler.config)
+    noise = np.random.RandomState(0).randn(len(PROMPTS), 8, 8, 4).astype(np.float32)
+    for negative in (None, ["blurry", "ugly"]):
+        for guidance in (1.0, 7.5):
+            with torch.no_grad():
+                expected = torch_pipe(
+                    PROMPTS,
+                    negative_prompt=negative,
+                    num_inference_steps=STEPS,
+                    guidance_scale=guidance,
+                    latents=nchw(noise),
+                    output_type="np",
+                ).images
+            latents = sd.text_to_image(
+                PROMPTS, negative, steps=STEPS, guidance_scale=guidance, scheduler=scheduler, latents=noise, output="latent"
+            )
+            err = rel_err(decode(sd, latents), expected)
+            print(f"{scheduler} negative={negative is not None} guidance={guidance}: rel err {err:.2e}")
+            assert err < 1e-3
+
+
+def test_outputs_pil_np_and_latent(sd):
+    pil = sd.text_to_image("a cat", steps=2, seed=3, scheduler="ddim")
+    array = sd.text_to_image("a cat", steps=2, seed=3, scheduler="ddim", output="np")
+    latents = sd.text_to_image("a cat", steps=2, seed=3, scheduler="ddim", output="latent")
+    assert len(pil) == 1 and pil[0].size == (64, 64)
+    assert array.dtype == np.uint8 and array.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(np.asarray(pil[0]), array[0])
+    assert latents.shape == (1, 8, 8, 4) and latents.dtype == np.float32
+
+
+def test_non_square_sizes_and_per_image_seeds_and_guidance(sd):
+    images = sd.text_to_image(
+        "a cat", num_images_per_prompt=3, steps=2, height=48, width=80, seed=[5, 6, 5], guidance_scale=[1.0, 3.0, 9.0],
+        scheduler="euler", output="np",
+    )
+    assert images.shape == (3, 48, 80, 3)
+    single = sd.text_to_image("a cat", steps=2, height=48, width=80, seed=6, scheduler="euler", output="np")
+    assert not np.array_equal(images[1], single[0])  # image 1 of a request folds in its index
+    again = sd.text_to_image(
+        "a cat", num_images_per_prompt=3, steps=2, height=48, width=80, seed=[5, 6, 5], guidance_scale=[1.0, 3.0, 9.0],
+        scheduler="euler", output="np",
+    )
+    np.testing.assert_array_equal(images, again)
+
+
+def test_image_depends_only_on_its_seed_and_index(sd):
+    batch = sd.text_to_image(["a cat", "a dog", "a cow"], steps=2, seed=11, scheduler="euler_a", output="np")
+    first_two = sd.text_to_image(["a cat", "a dog"], steps=2, seed=11, scheduler="euler_a", output="np")
+    np.testing.assert_array_equal(batch[:2], first_two)
+
+
+def test_new_prompts_seeds_and_guidance_do_not_recompile(sd):
+    sd.text_to_image("a cat", num_images_per_prompt=2, steps=3, seed=1, guidance_scale=5.0, scheduler="dpmpp_2m")
+    count = sd._executor.compile_count()
+    sd.text_to_image(
+        ["a dog on a hill", "a boat"], ["bad", "worse"], steps=3, seed=7, guidance_scale=[2.0, 9.0], scheduler="dpmpp_2m"
+    )
+    assert sd._executor.compile_count() == count
+    sd.text_to_image("a cat", num_images_per_prompt=2, steps=4, scheduler="dpmpp_2m")
+    assert sd._executor.compile_count() == count + 1  # the step count is a shape: it does recompile
+
+
+def test_long_prompt_is_truncated_with_a_warning(sd):
+    prompt = " ".join(["word"] * 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd.text_to_image(prompt, steps=1, scheduler="ddim", output="latent")
+    messages = [str(w.message) for w in caught]
+    assert any("25 token(s) were dropped" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=60), r"height=60 is not a multiple of the VAE's downsampling factor 8; nearest valid sizes: 56 or 64"),
+        (dict(width=70), r"width=70 is not a multiple .* nearest valid sizes: 64 or 72"),
+        (dict(prompt=[]), r"prompt is empty"),
+        (dict(negative_prompt=["a", "b", "c"]), r"got 3 negative prompts for 2 prompts"),
+        (dict(steps=0), r"num_steps must be"),
+        (dict(scheduler="fastest"), r"unknown scheduler 'fastest'; valid names: \[.*'dpmpp_2m'"),
+        (dict(output="jpeg"), r"unknown output 'jpeg'; accepted: pil, np, latent"),
+        (dict(guidance_scale=[1.0, 2.0, 3.0]), r"guidance_scale must be one value or one per image \(2\)"),
+        (dict(seed=-1), r"seeds must be in \[0, 2\*\*32\)"),
+        (dict(latents=np.zeros((2, 4, 4, 4))), r"latents must be NHWC initial noise of shape \(2, 8, 8, 4\)"),
+        (dict(num_images_per_prompt=0), r"num_images_per_prompt must be a positive integer"),
+    ],
+)
+def test_bad_input_is_a_clear_error(sd, kwargs, message):
+    request = {**dict(prompt=["a cat", "a dog"], steps=2, scheduler="ddim"), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sd.text_to_image(**request)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        StableDiffusion.from_pretrained(str(tmp_path / "missing" / "model"))
