@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generation_options(commands.add_parser("generate", help="text to image"))
+    convert = commands.add_parser("convert", help="diffusers folder <-> single .safetensors file, either way")
+    convert.add_argument("source", help="a diffusers folder, or a .safetensors/.ckpt single file")
+    convert.add_argument("target", help="a .safetensors file name, or a folder to write the diffusers layout to")
+    convert.add_argument("--config", default=None, help="config override for single files (preset name or folder)")
+    convert.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "sample"))
+    convert.add_argument("--ema", action="store_true", help="use the model_ema.* weights of a single file")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32")
     info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
     info.add_argument("--model", default=None)
     return parser
@@ -120,6 +127,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from sdjax.pipeline import StableDiffusion
+
+    source, target = Path(args.source), Path(args.target)
+    if source.is_dir():
+        if target.suffix != ".safetensors":
+            raise ValueError(f"converting a diffusers folder writes a .safetensors file; got target {target}")
+        StableDiffusion.from_pretrained(source, dtype=args.dtype).save_single_file(target)
+    elif source.is_file():
+        if target.suffix:
+            raise ValueError(f"converting a single file writes a diffusers folder; got target {target}")
+        sd = StableDiffusion.from_single_file(
+            source, args.config, dtype=args.dtype, prediction_type=args.prediction_type, use_ema=args.ema
+        )
+        sd.save_pretrained(target)
+    else:
+        raise FileNotFoundError(f"nothing to convert at {source}")
+    print(target)
+    return 0
+
+
 def cmd_info(args) -> int:
     import jax
 
@@ -145,7 +173,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

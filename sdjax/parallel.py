@@ -89,7 +89,7 @@ class Executor:
             self._compiled[key] = jax.pmap(
                 lambda p, b, s: fn(p, b, s, **dict(static_items)), in_axes=(0, 0, None), devices=self.devices
             )
-        placed_params = self._params_for("pmap", params, lambda p: jax.device_put_replicated(p, self.devices))
+        placed_params = self._params_for("pmap", params, lambda p: replicate(p, self.devices))
         sharded = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
         out = self._compiled[key](placed_params, sharded, schedule)
         return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
@@ -97,6 +97,17 @@ class Executor:
     def compile_count(self) -> int:
         """How many executables the cached functions hold (for tests that check nothing recompiles)."""
         return sum(f._cache_size() for f in self._compiled.values())
+
+
+def replicate(tree, devices):
+    """One copy of every leaf per device, stacked on a leading axis: what ``jax.pmap`` takes for ``in_axes=0``."""
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+
+    def put(x):
+        x = jax.numpy.asarray(x)
+        return jax.device_put(jax.numpy.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
+
+    return jax.tree.map(put, tree)
 
 
 def _batch_size(batch: dict) -> int:

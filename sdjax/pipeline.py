@@ -99,6 +99,7 @@ class StableDiffusion:
         *,
         dtype=None,
         attention_implementation: Optional[str] = None,
+        devices: Optional[Sequence] = None,
     ):
         self.config = config
         self.params = params
@@ -108,7 +109,7 @@ class StableDiffusion:
         self.text_encoder = CLIPTextModel(config=config.text_encoder, **kwargs)
         self.unet = UNet2DConditionModel(config=config.unet, **kwargs)
         self.vae = AutoencoderKL(config=config.vae, **kwargs)
-        self._executor = parallel.Executor()
+        self._executor = parallel.Executor(devices)
 
     # --- loading and saving --------------------------------------------------------------------------------
 
@@ -122,13 +123,52 @@ class StableDiffusion:
         revision: Optional[str] = None,
         token: Optional[str] = None,
         attention_implementation: Optional[str] = None,
+        devices: Optional[Sequence] = None,
     ) -> "StableDiffusion":
-        """A diffusers-layout folder (``text_encoder/ tokenizer/ unet/ vae/ scheduler/``) or a hub repo id."""
+        """A diffusers-layout folder (``text_encoder/ tokenizer/ unet/ vae/ scheduler/``) or a hub repo id.
+
+        ``devices``: the devices to generate on (default: all local devices)."""
         folder = weights.resolve_model_dir(path_or_repo_id, revision=revision, token=token, variant=variant)
         dtype = jnp.dtype(dtype or default_dtype())
         config, params = weights.load_pretrained(folder, dtype=dtype, variant=variant)
         tokenizer = load_tokenizer(folder / "tokenizer")
+        return cls(
+            config, params, tokenizer, dtype=dtype, attention_implementation=attention_implementation, devices=devices
+        )
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path,
+        config=None,
+        *,
+        dtype=None,
+        prediction_type: Optional[str] = None,
+        use_ema: bool = False,
+        attention_implementation: Optional[str] = None,
+    ) -> "StableDiffusion":
+        """An original-layout (CompVis / Stability / A1111) ``.safetensors`` or ``.ckpt`` file.
+
+        The model type is inferred from key names and shapes; ``config`` (a ``ModelConfig``, a preset
+        name such as ``"sd21-v"``, or a diffusers folder) overrides it. ``prediction_type`` overrides the
+        default (v-prediction for 768px SD 2.x files, as in diffusers); ``use_ema`` loads ``model_ema.*``.
+        """
+        from sdjax import single_file
+
+        dtype = jnp.dtype(dtype or default_dtype())
+        config, params = single_file.load_single_file(
+            path, config, prediction_type=prediction_type, use_ema=use_ema, dtype=dtype
+        )
+        tokenizer = load_tokenizer()
+        if single_file.uses_open_clip(config):
+            tokenizer.pad_token = "!"  # SD 2.x's OpenCLIP tokenizer pads with "!" (id 0), not EOS
         return cls(config, params, tokenizer, dtype=dtype, attention_implementation=attention_implementation)
+
+    def save_single_file(self, path, *, dtype=None) -> None:
+        """Write the original single-file layout (``.safetensors``) that A1111, ComfyUI and diffusers load."""
+        from sdjax import single_file
+
+        single_file.save_single_file(path, self.config, self.params, dtype=dtype)
 
     @classmethod
     def default(cls, *, dtype=None) -> "StableDiffusion":

@@ -181,8 +181,9 @@ def make_train_step(
 
 
 def replicate(tree, devices=None):
-    devices = devices or jax.local_devices()
-    return jax.device_put_replicated(tree, devices)
+    from sdjax.parallel import replicate as replicate_on
+
+    return replicate_on(tree, devices or jax.local_devices())
 
 
 def unreplicate(tree):
