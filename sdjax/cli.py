@@ -58,7 +58,7 @@ def enable_compilation_cache() -> Path:
     cache = Path(os.environ.get("SDJAX_CACHE_DIR", Path.home() / ".cache" / "sdjax" / "jax"))
     cache.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return cache
 
