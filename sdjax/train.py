@@ -63,7 +63,8 @@ def adamw(
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, *, ema: bool = True) -> TrainState:
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    # Own copies: the train step donates the state, which must not delete the caller's arrays.
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
