@@ -162,3 +162,46 @@ def adherence(images, captions: Sequence[str]) -> dict:
             correct[key] += ok
         correct["all"] += all(right)
     return {key: count / len(captions) for key, count in correct.items()} | {"count": len(captions)}
+
+
+def generate_and_score(
+    sd,
+    captions: Sequence[str],
+    *,
+    scheduler: str = "dpmpp_2m",
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[dict, np.ndarray]:
+    """Generate one image per caption with ``sd`` and score it against the caption.
+
+    Returns the ``adherence`` dict and the uint8 images. Image i uses seed ``seed`` and index i, so the
+    result does not depend on ``batch_size``.
+    """
+    images = []
+    for start in range(0, len(captions), batch_size):
+        chunk = list(captions[start : start + batch_size])
+        images.append(
+            sd.text_to_image(
+                chunk,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                scheduler=scheduler,
+                seed=[seed + start + i for i in range(len(chunk))],
+                output="np",
+            )
+        )
+    images = np.concatenate(images)
+    return adherence(images, captions), images
+
+
+def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """Tile uint8 (N, H, W, 3) images into one uint8 grid image, row by row."""
+    count, height, width, channels = images.shape
+    rows = -(-count // columns)
+    grid = np.zeros((rows * height, columns * width, channels), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    return grid
