@@ -44,6 +44,7 @@ def sample(
     start_step=0,
     noise_fn: Optional[Callable] = None,
     callback: Optional[Callable] = None,
+    after_step: Optional[Callable] = None,
 ) -> jax.Array:
     """Run the sampler from ``x_init`` and return the final sample (fp32).
 
@@ -53,17 +54,26 @@ def sample(
         text-to-image, ``add_noise(schedule, x0, noise, start_step)`` for image-to-image).
     key: per-image PRNG keys, (B, 2) raw or (B,) typed; only stochastic samplers use them, drawing
         the noise of evaluation i from ``fold_in(key[b], i)``. May be None for deterministic ones.
-    start_step: first inference step to run (image-to-image strength). It may be traced: the scan
-        always runs all ``schedule.num_evals`` evaluations and evaluations before
-        ``start_step * schedule.order`` are skipped by ``lax.cond`` (no model call, x unchanged),
-        so changing it does not recompile. The sampler state starts fresh at the first run
-        evaluation, exactly as diffusers' image-to-image pipelines slice ``scheduler.timesteps``.
+    start_step: first inference step to run (image-to-image strength), a scalar or one per image
+        (B,). It may be traced: the scan always runs all ``schedule.num_evals`` evaluations and
+        evaluations before ``start_step * schedule.order`` are skipped, so changing it does not
+        recompile. The sampler state starts fresh at an image's first run evaluation, exactly as
+        diffusers' image-to-image pipelines slice ``scheduler.timesteps``. A scalar skips with
+        ``lax.cond`` (no model call, x unchanged). Per image, the model runs once any image of the
+        batch has started; each image keeps its own sampler state (the step is vmapped over the
+        images) and images that have not started yet keep their sample and state.
     noise_fn(i) -> noise: overrides the per-step noise (tests inject diffusers' draws).
     callback(i): called through ``jax.debug.callback`` after each evaluation that runs.
+    after_step(x, i) -> x: applied to the sample after the scheduler step of evaluation i
+        (inpainting re-imposes the known region there).
     """
     x = jnp.asarray(x_init, jnp.float32)
-    state = schedulers.init_state(schedule, x)
-    first = schedulers.first_eval(schedule, start_step)
+    per_image = jnp.ndim(start_step) == 1
+    first = schedulers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
+    if per_image:
+        state = jax.vmap(lambda xb: schedulers.init_state(schedule, xb[None]))(x)
+    else:
+        state = schedulers.init_state(schedule, x)
 
     def noise_at(i):
         if not schedule.stochastic:
@@ -75,16 +85,42 @@ def sample(
         return step_noise(key, i, x.shape)
 
     def run(carry, i):
-        x, state = denoise_step(model_fn, schedule, *carry, i, noise_at(i))
+        if per_image:
+            new_x, new_state = _per_image_step(model_fn, schedule, *carry, i, noise_at(i))
+        else:
+            new_x, new_state = denoise_step(model_fn, schedule, *carry, i, noise_at(i))
+        if after_step is not None:
+            new_x = after_step(new_x, i)
+        if per_image:
+            started = i >= first
+            new_x, new_state = jax.tree.map(
+                lambda new, old: jnp.where(started.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+                (new_x, new_state),
+                carry,
+            )
         if callback is not None:
             jax.debug.callback(callback, i)
-        return x, state
+        return new_x, new_state
 
     def body(carry, i):
-        return lax.cond(i >= first, run, lambda carry, i: carry, carry, i), None
+        any_started = i >= (jnp.min(first) if per_image else first)
+        return lax.cond(any_started, run, lambda carry, i: carry, carry, i), None
 
     (x, _), _ = lax.scan(body, (x, state), jnp.arange(schedule.num_evals))
     return x
+
+
+def _per_image_step(model_fn, schedule: Schedule, x, state, i, noise=None):
+    """``denoise_step`` with one sampler state per image (state leaves lead with the image axis)."""
+    x_in, t = schedulers.model_input(schedule, i, x)
+    raw = model_fn(x_in, t).astype(jnp.float32)
+    noise = jnp.zeros_like(x) if noise is None else noise.astype(jnp.float32)
+
+    def one_image(x_b, state_b, raw_b, noise_b):
+        x_b, state_b = schedulers.step(schedule, i, x_b[None], state_b, raw_b[None], noise_b[None])
+        return x_b[0], state_b
+
+    return jax.vmap(one_image)(x, state, raw, noise)
 
 
 def classifier_free_guidance(

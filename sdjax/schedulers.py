@@ -951,16 +951,32 @@ def model_input(schedule: Schedule, i, x):
 
 
 def first_eval(schedule: Schedule, start_step):
-    """Index of the first model evaluation when denoising starts at inference step ``start_step``."""
-    return start_step * schedule.order
+    """Index of the first model evaluation when denoising starts at inference step ``start_step``.
+
+    From ``num_steps`` on there is nothing to denoise: ``num_evals`` (PNDM's one extra evaluation
+    must not run on its own)."""
+    return jnp.where(jnp.asarray(start_step) >= schedule.num_steps, schedule.num_evals, start_step * schedule.order)
 
 
 def add_noise(schedule: Schedule, x0, noise, step_index):
     """Noised samples at inference step ``step_index`` (diffusers' ``scheduler.add_noise`` at
     ``timesteps[step_index * order]``): sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise for DDIM,
     DDPM and PNDM, x0 + sigma noise for the k-diffusion samplers, alpha_t x0 + sigma_t noise for
-    DPM-Solver and UniPC. ``step_index`` may be traced."""
+    DPM-Solver and UniPC. ``step_index`` may be traced, and a scalar or one per sample (B,)."""
     e = jnp.minimum(first_eval(schedule, step_index), schedule.num_evals - 1)
+    return noise_to_eval(schedule, x0, noise, e)
+
+
+def noise_to_eval(schedule: Schedule, x0, noise, eval_index):
+    """``x0`` noised to the level of model evaluation ``eval_index`` (a scalar or one per sample),
+    the noise level the sampler expects before that evaluation."""
     x0 = jnp.asarray(x0, jnp.float32)
     noise = jnp.asarray(noise, jnp.float32)
-    return schedule.tables["noise_x0"][e] * x0 + schedule.tables["noise_eps"][e] * noise
+    scale_x0, scale_noise = (
+        _per_sample(schedule.tables[name][eval_index], x0.ndim) for name in ("noise_x0", "noise_eps")
+    )
+    return scale_x0 * x0 + scale_noise * noise
+
+
+def _per_sample(value, ndim):
+    return value.reshape(value.shape + (1,) * (ndim - value.ndim)) if value.ndim else value
