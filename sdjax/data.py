@@ -229,3 +229,95 @@ def random_captions(
     combos = _combinations(shapes, colours, backgrounds)
     picks = np.random.default_rng(seed).integers(len(combos), size=num)
     return [caption(*combos[i]) for i in picks]
+
+
+# --- image folders with captions (the imagefolder convention) -----------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+_CAPTION_FIELDS = ("text", "caption")
+_REPEAT_PREFIX = re.compile(r"^\d+_")  # kohya's "10_name" folders: 10 repeats of concept "name"
+
+
+def _metadata_captions(folder) -> dict:
+    """{image path: caption} from ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}``."""
+    import json
+
+    captions = {}
+    path = folder / METADATA_FILE
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not JSON: {e}") from None
+        field = next((f for f in _CAPTION_FIELDS if f in record), None)
+        if "file_name" not in record or field is None:
+            raise ValueError(
+                f"{path} line {number} needs a \"file_name\" and a caption field ({' or '.join(_CAPTION_FIELDS)}); "
+                f"got keys {sorted(record)}"
+            )
+        image = folder / record["file_name"]
+        if not image.is_file():
+            raise FileNotFoundError(f"{path} line {number} names {record['file_name']!r}, which is not in {folder}")
+        captions[image.resolve()] = str(record[field])
+    return captions
+
+
+def load_image_folder(path, caption_from_folder_name: bool = False) -> tuple[list, list[str]]:
+    """(image paths, captions) of a folder of images, searched recursively.
+
+    A caption comes from ``metadata.jsonl`` in the folder (``{"file_name": "a.png", "text": "..."}`` per
+    line), else from a ``.txt`` file of the same name beside the image, else, with
+    ``caption_from_folder_name``, from the name of the image's folder (kohya's ``10_`` repeat prefix
+    dropped). An empty folder or an image without a caption is a ``ValueError`` saying which.
+    """
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
+    images = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.parts)
+    )
+    if not images:
+        raise ValueError(f"no images in {folder} (looked recursively for {', '.join(IMAGE_SUFFIXES)})")
+    from_metadata = _metadata_captions(folder) if (folder / METADATA_FILE).is_file() else {}
+    captions, missing = [], []
+    for image in images:
+        text_file = image.with_suffix(".txt")
+        if image.resolve() in from_metadata:
+            captions.append(from_metadata[image.resolve()])
+        elif text_file.is_file():
+            captions.append(text_file.read_text(encoding="utf-8").strip())
+        elif caption_from_folder_name:
+            captions.append(_REPEAT_PREFIX.sub("", image.parent.name).replace("_", " "))
+        else:
+            missing.append(image)
+    if missing:
+        shown = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
+        raise ValueError(
+            f"{len(missing)} of {len(images)} images in {folder} have no caption (e.g. {shown}); give each image "
+            f"a .txt file of the same name, list them in {METADATA_FILE}, or use the folder name as the caption "
+            "(caption_from_folder_name=True, --caption-from-folder-name)"
+        )
+    return images, captions
+
+
+def load_images(paths, size: int) -> np.ndarray:
+    """uint8 (N, size, size, 3): each image made RGB, centre-cropped to a square and resized (bicubic)."""
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            if side != size:
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            out[i] = np.asarray(image)
+    return out

@@ -435,6 +435,7 @@ def test_paths_that_are_not_single_files(tmp_path, models):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")  # GBs of weights: never two at once
 @pytest.mark.parametrize("preset_name", ["sd15", "sd21-v"])
 def test_full_size_architecture_is_inferred_exactly(preset_name, tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
