@@ -15,3 +15,4 @@ from sdjax.config import (
 )
 
 __version__ = "0.1.0"
+from sdjax.pipeline import StableDiffusion
