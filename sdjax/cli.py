@@ -176,15 +176,9 @@ def load_loras(sd, files: Sequence[str], scales: Sequence[float]) -> None:
         sd.load_lora(file, scale=scales[i] if i < len(scales) else 1.0, name=f"{i}_{Path(file).stem}")
 
 
-def cmd_generate(args) -> int:
-    enable_compilation_cache()
-    sd = load_model(args.model, args.dtype)
-    load_loras(sd, args.lora, args.lora_scale)
-    sd._executor.verbose = True
-    width, height = args.size if args.size else (sd.native_size, sd.native_size)
-    images = sd.text_to_image(
-        args.prompt,
-        args.negative,
+def generation_options(args, width, height) -> dict:
+    """The keyword arguments every generation command passes through from the shared options."""
+    return dict(
         num_images_per_prompt=args.num_images,
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -195,6 +189,15 @@ def cmd_generate(args) -> int:
         parallel_mode=args.parallel,
         progress=not args.no_progress,
     )
+
+
+def cmd_generate(args) -> int:
+    enable_compilation_cache()
+    sd = load_model(args.model, args.dtype)
+    load_loras(sd, args.lora, args.lora_scale)
+    sd._executor.verbose = True
+    width, height = args.size if args.size else (sd.native_size, sd.native_size)
+    images = sd.text_to_image(args.prompt, args.negative, **generation_options(args, width, height))
     paths = output_paths(args.out, len(images), args.seed)
     texts = [png_parameters(args, width, height, args.seed) + f", Image index: {i}" for i in range(len(images))]
     save_images(images, paths, texts)
@@ -233,17 +236,7 @@ def cmd_image(args) -> int:
     load_loras(sd, args.lora, args.lora_scale)
     sd._executor.verbose = True
     width, height = args.size if args.size else (None, None)
-    options = dict(
-        num_images_per_prompt=args.num_images,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        height=height,
-        width=width,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        parallel_mode=args.parallel,
-        progress=not args.no_progress,
-    )
+    options = generation_options(args, width, height)
     if args.command == "img2img":
         images = sd.image_to_image(args.prompt, image, args.strength, args.negative, **options)
     elif args.command == "inpaint":
