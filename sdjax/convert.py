@@ -24,9 +24,9 @@ class WeightsMismatchError(ValueError):
     """A checkpoint does not fit the module: missing, unexpected or mis-shaped tensors."""
 
 
-def _module_path(torch_key: str) -> tuple[str, ...]:
+def module_path(key: str) -> tuple[str, ...]:
     """``a.0.b.weight`` -> ("a_0", "b"), dropping the final parameter name."""
-    parts = torch_key.split(".")[:-1]
+    parts = key.split(".")[:-1]
     path: list[str] = []
     for part in parts:
         if part.isdigit() and path:
@@ -36,7 +36,7 @@ def _module_path(torch_key: str) -> tuple[str, ...]:
     return tuple(path)
 
 
-def _torch_key(flax_path: tuple[str, ...], torch_leaf: str) -> str:
+def torch_key(flax_path: tuple[str, ...], torch_leaf: str) -> str:
     parts: list[str] = []
     for name in flax_path:
         match = _INDEXED.match(name)
@@ -94,7 +94,7 @@ def torch_to_flax(
     for key, value in state_dict.items():
         if any(p.fullmatch(key) for p in ignore_patterns):
             continue
-        module = _module_path(key)
+        module = module_path(key)
         torch_leaf = key.rsplit(".", 1)[-1]
         leaves = by_module.get(module)
         if leaves is None:
@@ -118,7 +118,7 @@ def torch_to_flax(
             array = array.astype(dtype)
         filled[module + (flax_leaf,)] = array
 
-    missing = [_torch_key(p[:-1], _torch_leaf_name(p[-1])) for p in flat_template if p not in filled]
+    missing = [torch_key(p[:-1], _torch_leaf_name(p[-1])) for p in flat_template if p not in filled]
     if missing or unexpected or misshaped:
         lines = [f"{what} does not match the model:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -133,6 +133,6 @@ def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Inverse of ``torch_to_flax``: a PyTorch-layout state dict of numpy arrays."""
     out = {}
     for path, value in traverse_util.flatten_dict(dict(params)).items():
-        key = _torch_key(path[:-1], _torch_leaf_name(path[-1]))
+        key = torch_key(path[:-1], _torch_leaf_name(path[-1]))
         out[key] = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(value)))
     return out

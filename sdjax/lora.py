@@ -45,7 +45,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from sdjax.config import ModelConfig
-from sdjax.convert import _module_path, _torch_key
+from sdjax.convert import module_path, torch_key
 
 COMPONENTS = ("unet", "text_encoder")
 FORMATS = ("peft", "kohya")
@@ -296,18 +296,18 @@ def _ldm_kohya_names(config: ModelConfig) -> dict[str, str]:
     from sdjax.single_file import unet_module_table
 
     return {
-        ldm.replace(".", "_"): "/".join(_module_path(diffusers + ".weight"))
+        ldm.replace(".", "_"): "/".join(module_path(diffusers + ".weight"))
         for ldm, diffusers in unet_module_table(config.unet).items()
     }
 
 
 def _torch_module_to_path(module: str) -> str:
     """``down_blocks.0.attentions.0.proj_in`` -> ``down_blocks_0/attentions_0/proj_in``."""
-    return "/".join(_module_path(module + ".weight"))
+    return "/".join(module_path(module + ".weight"))
 
 
 def _path_to_torch_module(path: str) -> str:
-    return _torch_key(tuple(path.split("/")), "weight")[: -len(".weight")]
+    return torch_key(tuple(path.split("/")), "weight")[: -len(".weight")]
 
 
 def _parse_key(key: str, kohya: Mapping[str, dict], layers: Mapping[str, Mapping]):
