@@ -43,6 +43,18 @@ CONFIGS = {"sd15": SD15, "tiny": TINY}
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+class Measures(dict):
+    """A dict of measurements that prints each one as it is taken, so a run cut short still reports."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"  {self.name} {key}: {value if value is None else round(value, 4)}", flush=True)
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``fn()`` after one warm-up call; ``fn`` must block until its work is done."""
     fn()
@@ -77,7 +89,7 @@ def sdjax_model(config: ModelConfig, models, dtype) -> StableDiffusion:
 
 
 def bench_sdjax(sd: StableDiffusion, args) -> dict:
-    results = {}
+    results = Measures("sdjax")
     size = sd.config.unet.sample_size
     context_len = sd.config.text_encoder.max_position_embeddings
     unet_step = jax.jit(lambda p, x, t, c: sd.unet.apply({"params": p}, x, t, c))
@@ -136,7 +148,7 @@ def bench_diffusers(config: ModelConfig, models, args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    results = {}
+    results = Measures("diffusers")
     size = config.unet.sample_size
     unet = models["unet"]
     compiled = torch.compile(unet) if args.torch_compile else None

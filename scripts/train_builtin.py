@@ -1,12 +1,16 @@
 """Train sdjax's built-in model from a seed: a small SD-architecture model on the procedural shapes data.
 
-Phase 1 trains the AutoencoderKL on 64x64 images; phase 2 encodes a fixed data set to latents once and
-trains the CLIP text encoder and the U-Net together on the diffusion loss, with caption dropout so
-classifier-free guidance works. The EMA weights are written in the diffusers layout to --out.
+Phase 1 trains the AutoencoderKL on images of the base palette (data.BASE_SHAPES, data.BASE_COLOURS);
+phase 2 fine-tunes its decoder alone on the full palette (data.SHAPES, data.SHAPE_COLOURS), so the frozen
+VAE can draw the concepts a LoRA later teaches while the latent space stays phase 1's; phase 3 encodes the
+base-palette data set to latents once and trains the CLIP text encoder and the U-Net together on the
+diffusion loss, with caption dropout so classifier-free guidance works: the denoiser never sees "purple" or
+"star". The EMA weights are written in the diffusers layout to --out.
 
     python scripts/train_builtin.py --out sdjax/assets/builtin --workdir runs/builtin
 
-Both phases checkpoint to --workdir and resume from there when run again.
+All three phases checkpoint to --workdir and resume from there when run again. --vae-seconds, --decoder-seconds and
+--unet-seconds stop a phase early (checkpointed) when a machine is lent for a fixed time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sdjax.schedulers import training_alphas_cumprod
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 IMAGE_SIZE = 64
+REACHED: dict[str, int] = {}  # the step each phase ended at, for the summary
 
 BUILTIN = ModelConfig(
     text_encoder=CLIPTextConfig(
@@ -74,8 +79,10 @@ def batches(num: int, batch_size: int, seed: int):
             yield order[start : start + batch_size]
 
 
-def run_phase(name, step_fn, state, frozen, make_batch, key, steps, workdir: Path, every: int = 500):
-    """Steps with periodic checkpoints; resumes from ``workdir/name.ckpt`` when it exists."""
+def run_phase(name, step_fn, state, frozen, make_batch, key, steps, workdir: Path, every: int = 500, seconds=None):
+    """Steps with periodic checkpoints; resumes from ``workdir/name.ckpt`` when it exists.
+
+    With ``seconds``, stops after that much wall time (and checkpoints), whatever step it reached."""
     ckpt = workdir / f"{name}.ckpt"
     if ckpt.exists():
         state, _ = train.restore_checkpoint(ckpt, state)
@@ -85,18 +92,38 @@ def run_phase(name, step_fn, state, frozen, make_batch, key, steps, workdir: Pat
     state = train.place_state(state, mesh)
     frozen = train.place_state(frozen, mesh)
     start = int(state.step)
+    deadline = time.time() + seconds if seconds else None
     for step in range(start, steps):
         batch = train.place_batch(make_batch(step), mesh)
         state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
         log(step + 1, metrics)
-        if (step + 1) % every == 0 or step + 1 == steps:
+        out_of_time = deadline is not None and time.time() > deadline
+        if (step + 1) % every == 0 or step + 1 == steps or out_of_time:
             train.save_checkpoint(ckpt, state)
+        if out_of_time:
+            print(f"{name}: time limit reached at step {step + 1} of {steps}", flush=True)
+            break
+    REACHED[name] = int(state.step)
     return state
 
 
-def train_vae(args, workdir: Path):
+def crop_batches(images: np.ndarray, args, seed: int):
+    """make_batch(step) over random square crops of shuffled images.
+
+    The autoencoder is convolutional: random crops teach it the same at a fraction of the cost."""
+    index = batches(len(images), args.vae_batch, seed)
+    crop = args.vae_crop
+
+    def make_batch(step):
+        offsets = np.random.default_rng([seed, step]).integers(0, IMAGE_SIZE - crop + 1, size=2)
+        return images[next(index), offsets[0] : offsets[0] + crop, offsets[1] : offsets[1] + crop]
+
+    return make_batch
+
+
+def train_vae(args, workdir: Path, images: np.ndarray):
+    """Phase 1: the whole autoencoder on the base-palette images (model range)."""
     vae = AutoencoderKL(config=BUILTIN.vae)
-    images = to_model_range(data.make_dataset(args.num_images, seed=args.seed, image_size=IMAGE_SIZE)[0])
     params = vae.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))["params"]
     optimizer = train.adamw(args.vae_lr, warmup_steps=200, total_steps=args.vae_steps, weight_decay=0.0)
 
@@ -104,17 +131,37 @@ def train_vae(args, workdir: Path):
         return train.vae_loss(vae, p, batch, key, kl_weight=args.kl_weight)
 
     step_fn = train.make_train_step(loss_fn, optimizer, ema_decay=None)
-    index = batches(len(images), args.vae_batch, args.seed)
-    crop = args.vae_crop
-
-    def make_batch(step):
-        # The autoencoder is convolutional: random crops teach it the same at a fraction of the cost.
-        offsets = np.random.default_rng([args.seed, step]).integers(0, IMAGE_SIZE - crop + 1, size=2)
-        return images[next(index), offsets[0] : offsets[0] + crop, offsets[1] : offsets[1] + crop]
-
     state = train.init_state(params, optimizer, ema=False)
-    state = run_phase("vae", step_fn, state, {}, make_batch, jax.random.PRNGKey(args.seed + 1), args.vae_steps, workdir)
-    return vae, jax.device_get(state.params), images
+    state = run_phase("vae", step_fn, state, {}, crop_batches(images, args, args.seed),
+                      jax.random.PRNGKey(args.seed + 1), args.vae_steps, workdir,
+                      every=args.checkpoint_every, seconds=args.vae_seconds)
+    return vae, jax.device_get(state.params)
+
+
+DECODER_PARTS = ("post_quant_conv", "decoder")
+
+
+def finetune_decoder(args, workdir: Path, vae, params):
+    """Phase 2: the decoder learns the full palette (data.SHAPES, data.SHAPE_COLOURS) with the encoder frozen.
+
+    The latent space the denoiser is trained in stays exactly phase 1's, while the frozen decoder can draw
+    purple and stars, so a LoRA can later teach the denoiser those concepts (scripts/lora_new_concept.py)."""
+    full_palette = {"shapes": data.SHAPES, "colours": data.SHAPE_COLOURS}
+    images = data.make_dataset(args.decoder_images, seed=args.seed + 10, image_size=IMAGE_SIZE, **full_palette)[0]
+    images = to_model_range(images)
+    trainable = {k: v for k, v in params.items() if k in DECODER_PARTS}
+    frozen = {k: v for k, v in params.items() if k not in DECODER_PARTS}
+    optimizer = train.adamw(args.vae_lr, warmup_steps=200, total_steps=args.decoder_steps, weight_decay=0.0)
+
+    def loss_fn(p, frozen, batch, key):
+        return train.vae_loss(vae, {**frozen, **p}, batch, key, kl_weight=0.0)
+
+    step_fn = train.make_train_step(loss_fn, optimizer, ema_decay=None)
+    state = train.init_state(trainable, optimizer, ema=False)
+    state = run_phase("decoder", step_fn, state, frozen, crop_batches(images, args, args.seed + 11),
+                      jax.random.PRNGKey(args.seed + 12), args.decoder_steps, workdir,
+                      every=args.checkpoint_every, seconds=args.decoder_seconds)
+    return {**params, **jax.device_get(state.params)}
 
 
 def encode_dataset(vae, params, images, batch_size: int = 256) -> np.ndarray:
@@ -162,7 +209,8 @@ def train_denoiser(args, workdir: Path, latents: np.ndarray, captions: list[str]
 
     state = train.init_state(params, optimizer)
     frozen = {"empty_ids": jnp.asarray(empty_ids[0]), "alphas_cumprod": schedule}
-    state = run_phase("denoiser", step_fn, state, frozen, make_batch, key, args.unet_steps, workdir)
+    state = run_phase("denoiser", step_fn, state, frozen, make_batch, key, args.unet_steps, workdir,
+                      every=args.checkpoint_every, seconds=args.unet_seconds)
     return jax.device_get(state.ema_params), tokenizer
 
 
@@ -171,34 +219,44 @@ def main():
     parser.add_argument("--out", default="sdjax/assets/builtin")
     parser.add_argument("--workdir", default="runs/builtin")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-images", type=int, default=20000)
+    parser.add_argument("--num-images", type=int, default=20000, help="VAE and denoiser data set (base palette)")
     parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-seconds", type=float, default=None, help="stop the VAE phase after this long")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-crop", type=int, default=32, help="side of the random training crops")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--decoder-images", type=int, default=20000, help="decoder fine-tuning set (full palette)")
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--decoder-seconds", type=float, default=None, help="stop the decoder phase after this long")
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--unet-seconds", type=float, default=None, help="stop the denoiser phase after this long")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    vae, vae_params, images = train_vae(args, workdir)
-    latents = encode_dataset(vae, vae_params, images)
+    images, captions, _ = data.make_dataset(args.num_images, seed=args.seed, image_size=IMAGE_SIZE)
+    images = to_model_range(images)
+    vae, vae_params = train_vae(args, workdir, images)
+    latents = encode_dataset(vae, vae_params, images)  # the encoder is final after phase 1
+    del images
+    vae_params = finetune_decoder(args, workdir, vae, vae_params)
     scaling_factor = float(1.0 / latents.std())
     print(f"latent std {latents.std():.4f} -> scaling_factor {scaling_factor:.5f}", flush=True)
-    _, captions, _ = data.make_dataset(args.num_images, seed=args.seed, image_size=IMAGE_SIZE)
     denoiser_params, tokenizer = train_denoiser(args, workdir, latents, captions, scaling_factor)
 
     config = BUILTIN.replace(vae=BUILTIN.vae.__class__(**{**BUILTIN.vae.__dict__, "scaling_factor": scaling_factor}))
     params = {**denoiser_params, "vae": vae_params}
     StableDiffusion(config, params, tokenizer, dtype=jnp.float32).save_pretrained(args.out)
     elapsed = time.time() - started
-    summary = {"seconds": round(elapsed), "devices": [d.device_kind for d in jax.devices()], "args": vars(args)}
+    summary = {"seconds": round(elapsed), "devices": [d.device_kind for d in jax.devices()], "steps_reached": REACHED,
+               "jax": jax.__version__, "args": vars(args)}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out} in {elapsed / 60:.1f} min", flush=True)
 
