@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdjax import data
 from sdjax.eval import generate_and_score, image_grid
-from sdjax.pipeline import StableDiffusion
+from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, StableDiffusion
 
 SAMPLERS = ("dpmpp_2m", "ddim", "euler_a", "pndm")
 
@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--caption-seed", type=int, default=12345, help="captions: a seed training never used")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=BUILTIN_GUIDANCE_SCALE)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
     parser.add_argument("--out", default="docs/builtin_eval.json")
     parser.add_argument("--grid", default="docs/builtin_grid.png")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import data, eval as evaluation, lora_train
-from sdjax.pipeline import StableDiffusion
+from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, StableDiffusion
 
 # The attribute of a caption a concept is about, and the data-set arguments that render it.
 CONCEPTS = {
@@ -72,7 +72,7 @@ def run(
     old_images: int = 512,
     eval_prompts: int = 64,
     sample_steps: int = 20,
-    guidance: float = 5.0,
+    guidance: float = BUILTIN_GUIDANCE_SCALE,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:

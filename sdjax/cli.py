@@ -24,7 +24,8 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--model", default=None, help="diffusers folder or hub repo id (default: the built-in model)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: 7.5; 1.5 with the built-in model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images")
     parser.add_argument("--size", type=_size, default=None, help=f"WIDTHxHEIGHT (default: {default_size})")
@@ -318,6 +319,10 @@ COMMANDS = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "guidance", 0) is None:
+        from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE
+
+        args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else 7.5
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sdjax.data import COLOURS, parse_caption
+from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE
 
 __all__ = ["analyse", "adherence", "parse_caption"]
 
@@ -170,7 +171,7 @@ def generate_and_score(
     *,
     scheduler: str = "dpmpp_2m",
     steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = BUILTIN_GUIDANCE_SCALE,
     seed: int = 0,
     batch_size: int = 64,
 ) -> tuple[dict, np.ndarray]:

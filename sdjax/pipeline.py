@@ -657,6 +657,11 @@ def _set_path(tree: dict, key: tuple, value) -> dict:
     return {**tree, key[0]: _set_path(tree[key[0]], key[1:], value)}
 
 
+# The built-in model draws its shapes best with light guidance: its prompt adherence over 200 captions is
+# 91% with dpmpp_2m at 1.5 but 50% at 3.0 (README, "The built-in model").
+BUILTIN_GUIDANCE_SCALE = 1.5
+
+
 def builtin_model_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "builtin"
 

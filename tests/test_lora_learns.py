@@ -27,7 +27,8 @@ def test_lora_teaches_purple():
     if ceiling < 0.9:
         pytest.skip(f"the built-in VAE reconstructs only {ceiling:.0%} of purple shapes as purple: no U-Net or "
                     "text-encoder LoRA can reach 80% before the VAE is trained on the full palette")
-    result = script.run("purple", progress=False)
+    # 32 prompts per measure instead of the script's 64, for CI time; README has the 64-prompt numbers.
+    result = script.run("purple", eval_prompts=32, progress=False)
     print(result)
     assert result["new_concept"]["before"] <= 0.2
     assert result["new_concept"]["after"] >= 0.8
