@@ -38,7 +38,7 @@ def test_inpainting_a_blue_circle(sd):
     )
     found = [(f["shape"], f["colour"], f["background"]) for f in map(analyse, out)]
     print(found)
-    assert sum(f == ("circle", "blue", "white") for f in found) >= 10, found  # measured: 12 of 16
+    assert sum(f == ("circle", "blue", "white") for f in found) >= 10, found  # measured: 14 of 16 (14,000-step model)
     assert sum(f[1:] == ("blue", "white") for f in found) >= 15, found  # measured: 16 of 16
     # There: the blue paint lies in the masked box (grown by the paste-back's feather) and the red
     # square is gone.
