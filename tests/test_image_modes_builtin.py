@@ -75,11 +75,11 @@ def test_image_to_image_keeps_the_input_at_low_strength_and_follows_the_prompt_a
     print("strength 0.3:", found[:n])
     print("strength 0.9:", found[n:])
     low, high = found[:n], found[n:]
-    assert sum(f[1:] == ("red", "white") for f in low) >= 6, low  # measured: 7 of 8
+    assert sum(f[1:] == ("red", "white") for f in low) >= 6, low
     # The shape stays where it was: the red region overlaps the input's circle.
     circle = near(image, "red")
     overlap = [np.sum(near(o, "red") & circle) / np.sum(near(o, "red") | circle) for o in out[:n]]
     print("overlap with the input circle at strength 0.3:", np.round(overlap, 2))
-    assert np.median(overlap) > 0.5, overlap  # measured: median 0.68
+    assert np.median(overlap) > 0.5, overlap
     assert sum(f[1:] == ("green", "black") for f in high) >= 7, high  # measured: 8 of 8
     assert np.median([np.sum(near(o, "red") & circle) / circle.sum() for o in out[n:]]) < 0.05
