@@ -7,6 +7,9 @@ diffusers layout and load those files through sdjax's real loader.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,15 @@ def save_pipeline(
     config_file.write_text(json.dumps(config, indent=2))
     pipe.scheduler = type(pipe.scheduler).from_pretrained(path, subfolder="scheduler")
     return pipe
+
+
+def run_on_simulated_devices(script: str, *args, devices: int = 8, marker: str, timeout: int = 900) -> str:
+    """Run ``tests/<script>`` in a subprocess with ``devices`` simulated CPU devices (the device count is fixed
+    when jax starts, so it cannot change inside the test process); assert it exits 0 and prints ``marker``."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert marker in result.stdout
+    return result.stdout

@@ -2,12 +2,8 @@
 without recompiling, training and saving (round trip through diffusers), and bad input."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -446,10 +442,4 @@ def test_training_keeps_a_bf16_base_frozen_and_the_adapter_fp32(model_dir):
 
 def test_training_is_data_parallel_over_devices(model_dir):
     """2 simulated CPU devices (a subprocess: the device count is fixed when jax starts)."""
-    script = Path(__file__).with_name("multidevice_lora_train.py")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    result = subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True, env=env,
-                            timeout=900)
-    print(result.stdout[-2000:])
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert "MULTIDEVICE LORA OK" in result.stdout
+    reference.run_on_simulated_devices("multidevice_lora_train.py", model_dir, devices=2, marker="MULTIDEVICE LORA OK")

@@ -1,15 +1,11 @@
 """The training core: losses fall, checkpoints resume exactly, and the data-parallel modes agree."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference
 from sdjax import data, train
 from sdjax.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
 from sdjax.models.clip import CLIPTextModel
@@ -112,9 +108,4 @@ def test_bad_parallel_mode_and_missing_checkpoint(tmp_path):
 
 
 def test_pmap_and_mesh_steps_agree_on_8_devices():
-    script = Path(__file__).with_name("multidevice_train.py")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    print(result.stdout[-2000:])
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "TRAIN MULTIDEVICE OK" in result.stdout
+    reference.run_on_simulated_devices("multidevice_train.py", marker="TRAIN MULTIDEVICE OK", timeout=600)
