@@ -35,6 +35,7 @@ def build(tmp_path_factory, name, overrides):
         str(file), config=str(folder), local_files_only=True, safety_checker=None
     )
     torch_pipe.set_progress_bar_config(disable=True)
+    torch_pipe.original_scheduler_config = dict(torch_pipe.scheduler.config)
     return folder, file, torch_pipe
 
 
@@ -66,7 +67,9 @@ def diffusers_images(torch_pipe, scheduler, noise, steps=6):
     import diffusers
 
     class_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
-    torch_pipe.scheduler = getattr(diffusers, class_name).from_config(torch_pipe.scheduler.config, **extra)
+    # From the model's own config, not the last test's scheduler: that one may carry use_karras_sigmas.
+    base = torch_pipe.original_scheduler_config
+    torch_pipe.scheduler = getattr(diffusers, class_name).from_config(base, **extra)
     with torch.no_grad():
         return torch_pipe(
             PROMPTS, negative_prompt=["blurry", ""], num_inference_steps=steps, guidance_scale=6.0,
