@@ -192,11 +192,15 @@ def train_denoiser(args, workdir: Path, latents: np.ndarray, captions: list[str]
 
     def loss_fn(p, frozen, batch, key):
         drop_key, loss_key = jax.random.split(key)
+        swap_key = jax.random.fold_in(key, 1)
         batch_ids = train.caption_dropout(drop_key, batch["ids"], frozen["empty_ids"], args.caption_dropout)
         context = text_encoder.apply({"params": p["text_encoder"]}, batch_ids)
 
         def predict(noisy, t):
-            return unet.apply({"params": p["unet"]}, noisy, t, context)
+            batch_context = context
+            if args.caption_swap:
+                batch_context = train.mismatch_captions(swap_key, context, t, args.caption_swap, args.caption_swap_below)
+            return unet.apply({"params": p["unet"]}, noisy, t, batch_context)
 
         return train.diffusion_loss(predict, batch["latents"], loss_key, frozen["alphas_cumprod"])
 
@@ -234,6 +238,10 @@ def main():
     parser.add_argument("--unet-lr", type=float, default=5e-4)
     parser.add_argument("--unet-seconds", type=float, default=None, help="stop the denoiser phase after this long")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--caption-swap", type=float, default=0.0,
+                        help="rate of mismatched captions at timesteps below --caption-swap-below (see "
+                             "train.mismatch_captions)")
+    parser.add_argument("--caption-swap-below", type=int, default=500)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     args = parser.parse_args()

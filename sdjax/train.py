@@ -98,6 +98,20 @@ def caption_dropout(key: jax.Array, ids: jnp.ndarray, empty_ids: jnp.ndarray, ra
     return jnp.where(drop[:, None], empty_ids[None, :], ids)
 
 
+def mismatch_captions(
+    key: jax.Array, context: jnp.ndarray, timesteps: jnp.ndarray, rate: float, below: int
+) -> jnp.ndarray:
+    """Give each example whose timestep is below ``below`` another example's caption encoding with
+    probability ``rate`` (the next one in the batch).
+
+    With captions that always match, a model learns that the caption alone decides colour and shape, and at
+    low noise it repaints an image to fit a contradicting prompt. Seeing wrong captions at low noise teaches
+    it that there the noisy image, not the caption, says what is in the picture — what image-to-image at low
+    strength relies on. High-noise training, where the caption must decide, is left as it was."""
+    mismatched = jax.random.bernoulli(key, rate, (context.shape[0],)) & (timesteps < below)
+    return jnp.where(mismatched[:, None, None], jnp.roll(context, 1, axis=0), context)
+
+
 def diffusion_target(x0, noise, alphas_cumprod_t, prediction_type: str):
     if prediction_type == "epsilon":
         return noise

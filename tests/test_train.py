@@ -107,5 +107,19 @@ def test_bad_parallel_mode_and_missing_checkpoint(tmp_path):
         train.diffusion_target(None, None, None, "x0")
 
 
+def test_mismatched_captions_only_below_the_timestep_bound():
+    context = jnp.arange(4, dtype=jnp.float32)[:, None, None] * jnp.ones((4, 3, 2))
+    key = jax.random.PRNGKey(0)
+    low, high = jnp.array([10, 20, 499, 0]), jnp.array([500, 900, 999, 600])
+    everyone = train.mismatch_captions(key, context, low, 1.0, below=500)
+    np.testing.assert_array_equal(everyone[:, 0, 0], [3, 0, 1, 2])  # each has its neighbour's caption
+    np.testing.assert_array_equal(train.mismatch_captions(key, context, high, 1.0, below=500), context)
+    np.testing.assert_array_equal(train.mismatch_captions(key, context, low, 0.0, below=500), context)
+    many = jnp.tile(context, (250, 1, 1))
+    swapped = train.mismatch_captions(key, many, jnp.zeros(1000, jnp.int32), 0.25, below=500)
+    rate = float(jnp.mean(swapped[:, 0, 0] != many[:, 0, 0]))
+    assert 0.2 < rate < 0.3, rate
+
+
 def test_pmap_and_mesh_steps_agree_on_8_devices():
     reference.run_on_simulated_devices("multidevice_train.py", marker="TRAIN MULTIDEVICE OK", timeout=600)
