@@ -16,7 +16,7 @@ from sdjax.pipeline import StableDiffusion
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_builtin.py"
 TOY = ["--num-images", "64", "--vae-steps", "2", "--vae-batch", "8", "--decoder-images", "64",
-       "--decoder-steps", "2", "--unet-batch", "8"]
+       "--decoder-steps", "2", "--unet-batch", "8", "--caption-swap", "0.25"]
 
 
 def train(out, workdir, unet_steps):
