@@ -5,7 +5,8 @@ phase 2 fine-tunes its decoder alone on the full palette (data.SHAPES, data.SHAP
 VAE can draw the concepts a LoRA later teaches while the latent space stays phase 1's; phase 3 encodes the
 base-palette data set to latents once and trains the CLIP text encoder and the U-Net together on the
 diffusion loss, with caption dropout so classifier-free guidance works: the denoiser never sees "purple" or
-"star". The EMA weights are written in the diffusers layout to --out.
+"star". --caption-swap adds mismatched captions at low noise (train.mismatch_captions), so image-to-image at
+low strength keeps what the image shows. The EMA weights are written in the diffusers layout to --out.
 
     python scripts/train_builtin.py --out sdjax/assets/builtin --workdir runs/builtin
 
