@@ -11,9 +11,3 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"sdjax-test-jax-cache-{_run}"))
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable order otherwise): started last, one of them keeps a single xdist worker busy
-    long after the other has run out of work."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -121,6 +121,5 @@ def test_mismatched_captions_only_below_the_timestep_bound():
     assert 0.2 < rate < 0.3, rate
 
 
-@pytest.mark.slow  # a subprocess with 8 simulated devices, compiling every parallel mode
 def test_pmap_and_mesh_steps_agree_on_8_devices():
     reference.run_on_simulated_devices("multidevice_train.py", marker="TRAIN MULTIDEVICE OK", timeout=600)
