@@ -247,6 +247,8 @@ def main():
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     args = parser.parse_args()
+    if not 0.0 <= args.caption_swap <= 1.0:
+        parser.error(f"--caption-swap is a rate: got {args.caption_swap}, accepted 0 to 1")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()

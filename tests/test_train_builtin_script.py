@@ -48,3 +48,12 @@ def test_train_builtin_writes_a_model_and_resumes(tmp_path):
     first = StableDiffusion.from_pretrained(tmp_path / "model", dtype=jnp.float32).params
     second = StableDiffusion.from_pretrained(tmp_path / "model2", dtype=jnp.float32).params
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+
+
+def test_caption_swap_outside_zero_to_one_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--caption-swap", "1.5"],
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--caption-swap is a rate: got 1.5, accepted 0 to 1" in result.stderr
