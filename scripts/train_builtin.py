@@ -31,7 +31,7 @@ from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
 from sdjax.pipeline import StableDiffusion
-from sdjax.schedulers import training_alphas_cumprod
+from sdjax.schedules import training_alphas_cumprod
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 IMAGE_SIZE = 64
@@ -89,21 +89,22 @@ def run_phase(name, step_fn, state, frozen, make_batch, key, steps, workdir: Pat
         state, _ = train.restore_checkpoint(ckpt, state)
         print(f"{name}: resumed at step {int(state.step)}", flush=True)
     log = train.LossLog(workdir / f"{name}_log.jsonl", every=50, total=steps)
-    mesh = step_fn.mesh
-    state = train.place_state(state, mesh)
-    frozen = train.place_state(frozen, mesh)
-    start = int(state.step)
+    parallel = step_fn.parallel
+    state = parallel.place_params(state)
+    frozen = parallel.place_params(frozen)
+    start = int(parallel.unreplicate(state.step))
     deadline = time.time() + seconds if seconds else None
     for step in range(start, steps):
-        batch = train.place_batch(make_batch(step), mesh)
+        batch = parallel.place_batch(make_batch(step))
         state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, step))
         log(step + 1, metrics)
         out_of_time = deadline is not None and time.time() > deadline
         if (step + 1) % every == 0 or step + 1 == steps or out_of_time:
-            train.save_checkpoint(ckpt, state)
+            train.save_checkpoint(ckpt, parallel.unreplicate(state))
         if out_of_time:
             print(f"{name}: time limit reached at step {step + 1} of {steps}", flush=True)
             break
+    state = parallel.unreplicate(state)
     REACHED[name] = int(state.step)
     return state
 

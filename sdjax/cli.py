@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from sdjax.config import PREDICTION_TYPES
+from sdjax.lora_train import run_from_args
+from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, StableDiffusion
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -24,8 +32,11 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--model", default=None, help="diffusers folder or hub repo id (default: the built-in model)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: 7.5; 1.5 with the built-in model)")
+    parser.add_argument(
+        "--guidance", type=float, default=None,
+        help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE_SCALE}; "
+        f"{BUILTIN_GUIDANCE_SCALE} with the built-in model)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images")
     parser.add_argument("--size", type=_size, default=None, help=f"WIDTHxHEIGHT (default: {default_size})")
@@ -109,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="a diffusers folder, or a .safetensors/.ckpt single file")
     convert.add_argument("target", help="a .safetensors file name, or a folder to write the diffusers layout to")
     convert.add_argument("--config", default=None, help="config override for single files (preset name or folder)")
-    convert.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "sample"))
+    convert.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES)
     convert.add_argument("--ema", action="store_true", help="use the model_ema.* weights of a single file")
     convert.add_argument("--dtype", choices=DTYPES, default="float32")
     _add_train_lora_options(commands.add_parser("train-lora", help="train a LoRA on a folder of captioned images"))
@@ -120,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def enable_compilation_cache() -> Path:
     """JAX's persistent compilation cache, so a second run of the same shape skips compiling."""
-    import jax
-
     cache = Path(os.environ.get("SDJAX_CACHE_DIR", Path.home() / ".cache" / "sdjax" / "jax"))
     cache.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache))
@@ -131,8 +140,6 @@ def enable_compilation_cache() -> Path:
 
 
 def load_model(model: Optional[str], dtype: Optional[str] = None):
-    from sdjax.pipeline import StableDiffusion
-
     if model is None:
         return StableDiffusion.default(dtype=dtype)
     return StableDiffusion.from_pretrained(model, dtype=dtype)
@@ -160,8 +167,6 @@ def png_parameters(args, width: int, height: int, seed: int) -> str:
 
 
 def save_images(images, paths: list[Path], texts: list[str]) -> None:
-    from PIL import PngImagePlugin
-
     for image, path, text in zip(images, paths, texts):
         path.parent.mkdir(parents=True, exist_ok=True)
         info = PngImagePlugin.PngInfo()
@@ -196,7 +201,7 @@ def cmd_generate(args) -> int:
     enable_compilation_cache()
     sd = load_model(args.model, args.dtype)
     load_loras(sd, args.lora, args.lora_scale)
-    sd._executor.verbose = True
+    sd.executor.verbose = True
     width, height = args.size if args.size else (sd.native_size, sd.native_size)
     images = sd.text_to_image(args.prompt, args.negative, **generation_options(args, width, height))
     paths = output_paths(args.out, len(images), args.seed)
@@ -206,8 +211,6 @@ def cmd_generate(args) -> int:
 
 
 def _open_image(path: str, flag: str):
-    from PIL import Image
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} file not found: {path}")
     image = Image.open(path)
@@ -216,8 +219,6 @@ def _open_image(path: str, flag: str):
 
 
 def _open_depth(path: Optional[str]):
-    import numpy as np
-
     if path is None:
         return None
     if Path(path).suffix.lower() == ".npy":
@@ -235,7 +236,7 @@ def cmd_image(args) -> int:
     depth = _open_depth(args.depth) if args.command == "depth2img" else None
     sd = load_model(args.model, args.dtype)
     load_loras(sd, args.lora, args.lora_scale)
-    sd._executor.verbose = True
+    sd.executor.verbose = True
     width, height = args.size if args.size else (None, None)
     options = generation_options(args, width, height)
     if args.command == "img2img":
@@ -256,8 +257,6 @@ def cmd_image(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from sdjax.pipeline import StableDiffusion
-
     source, target = Path(args.source), Path(args.target)
     if source.is_dir():
         if target.suffix != ".safetensors":
@@ -277,15 +276,11 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    from sdjax.lora_train import run_from_args
-
     enable_compilation_cache()
     return run_from_args(args)
 
 
 def cmd_info(args) -> int:
-    import jax
-
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
     for device in jax.devices():
         print(f"  device {device.id}: {device.device_kind} ({device.platform})")
@@ -320,9 +315,7 @@ COMMANDS = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "guidance", 0) is None:
-        from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE
-
-        args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else 7.5
+        args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else DEFAULT_GUIDANCE_SCALE
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:

@@ -214,6 +214,10 @@ class VAEConfig:
         }
 
 
+# What the model's output means: the noise, the velocity v (SD 2.x 768px models) or the clean sample.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """The noise schedule a model was trained with (``scheduler/scheduler_config.json``).
@@ -240,7 +244,7 @@ class SchedulerConfig:
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "SchedulerConfig":
         data = _read_json(config)
         _reject("scheduler", data, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
-        _reject("scheduler", data, "prediction_type", ("epsilon", "v_prediction", "sample"))
+        _reject("scheduler", data, "prediction_type", PREDICTION_TYPES)
         _reject("scheduler", data, "timestep_spacing", ("leading", "trailing", "linspace"))
         return cls(**_known_fields(cls, data))
 

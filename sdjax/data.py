@@ -11,10 +11,13 @@ BASE_COLOURS): they are what a LoRA teaches the base model later.
 
 import dataclasses
 import itertools
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -241,8 +244,6 @@ _REPEAT_PREFIX = re.compile(r"^\d+_")  # kohya's "10_name" folders: 10 repeats o
 
 def _metadata_captions(folder) -> dict:
     """{image path: caption} from ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}``."""
-    import json
-
     captions = {}
     path = folder / METADATA_FILE
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -273,8 +274,6 @@ def load_image_folder(path, caption_from_folder_name: bool = False) -> tuple[lis
     ``caption_from_folder_name``, from the name of the image's folder (kohya's ``10_`` repeat prefix
     dropped). An empty folder or an image without a caption is a ``ValueError`` saying which.
     """
-    from pathlib import Path
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
@@ -308,8 +307,6 @@ def load_image_folder(path, caption_from_folder_name: bool = False) -> tuple[lis
 
 def load_images(paths, size: int) -> np.ndarray:
     """uint8 (N, size, size, 3): each image made RGB, centre-cropped to a square and resized (bicubic)."""
-    from PIL import Image
-
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         with Image.open(path) as image:

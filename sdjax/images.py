@@ -13,6 +13,7 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 # ITU-R 601-2 luma, PIL's RGB -> "L" weights.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -23,10 +24,6 @@ BICUBIC_A = -0.75
 
 
 def _is_pil(value) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        return False
     return isinstance(value, Image.Image)
 
 
@@ -123,8 +120,6 @@ def _resized(item, height: int, width: int):
     if image_size(item) == (height, width):
         return item
     if _is_pil(item):
-        from PIL import Image
-
         return item.resize((width, height), resample=Image.Resampling.LANCZOS)
     return resize_nearest(item, height, width)
 

@@ -1,4 +1,4 @@
-"""LoRA adapters: read and write the diffusers/PEFT and kohya/A1111 file formats, apply them fused or unfused.
+"""LoRA adapters: create, merge and apply them fused or unfused; read and write them as files.
 
 An adapter is a plain pytree ``{"unet": {path: module}, "text_encoder": {path: module}}``. ``path`` is the
 layer's Flax module path joined by "/" (``down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q``)
@@ -16,25 +16,14 @@ Two ways to apply one:
   code untouched. Training uses it: small updates survive a bf16 base, where merging would round them
   away.
 
-File formats (``load_lora_file`` detects them, ``save_lora`` writes the first and the last):
-
-* diffusers / PEFT: ``unet.<module>.lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r); alpha from
-  the ``lora_adapter_metadata`` header diffusers writes, or ``<module>.alpha``, otherwise alpha = r.
-* older diffusers: ``<module>.lora.down.weight`` / ``lora.up.weight``, attention processors
-  ``attn1.processor.to_q_lora.down.weight``, text encoder ``lora_linear_layer`` and ``to_q_lora``.
-* kohya / A1111 / ComfyUI: ``lora_unet_<module with "_">.lora_down.weight``, ``.lora_up.weight`` and
-  ``.alpha``; ``lora_te_text_model_<module>`` for the text encoder; U-Net modules named either after
-  diffusers (``lora_unet_down_blocks_0_attentions_0_...``) or after the original LDM U-Net
-  (``lora_unet_input_blocks_1_1_...``).
+Files: ``load_lora_file`` reads diffusers / PEFT, older diffusers and kohya / A1111 files, ``save_lora``
+writes PEFT or kohya; the tensor names of each format are ``sdjax.layouts.lora_keys``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
-import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -45,10 +34,21 @@ from flax import linen as nn
 from flax import traverse_util
 
 from sdjax.config import ModelConfig
-from sdjax.convert import module_path, torch_key
+from sdjax.layouts.files import read_checkpoint_file, safetensors_metadata, write_safetensors
+from sdjax.layouts.ldm import unet_module_table
+from sdjax.layouts.lora_keys import (
+    COMPONENTS,
+    FORMATS,  # noqa: F401  (public here: the formats save_lora writes)
+    LORA_FILE_NAMES,
+    LoRAError,
+    adapter_from_tensors,
+    file_metadata,
+    lora_state_dict,
+)
+from sdjax.models.clip import CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.weights import param_shapes
 
-COMPONENTS = ("unet", "text_encoder")
-FORMATS = ("peft", "kohya")
 
 # Layer groups a LoRA can target, as regular expressions over the "/"-joined module path.
 TARGETS = {
@@ -64,27 +64,6 @@ TARGETS = {
     },
 }
 DEFAULT_TARGETS = ("attention",)
-
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_TEXT_PREFIX = "text_model."
-# Old diffusers attention-processor names -> the layer they adapt, per component.
-_PROCESSOR_LAYERS = {
-    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
-}
-_DIFFUSERS_ROLES = (
-    (re.compile(r"(.+)\.lora_A(?:\.default)?\.weight"), "down"),
-    (re.compile(r"(.+)\.lora_B(?:\.default)?\.weight"), "up"),
-    (re.compile(r"(.+)\.lora(?:_linear_layer)?\.down\.weight"), "down"),
-    (re.compile(r"(.+)\.lora(?:_linear_layer)?\.up\.weight"), "up"),
-    (re.compile(r"(.+)\.alpha"), "alpha"),
-)
-_PROCESSOR_KEY = re.compile(r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
-
-
-class LoRAError(ValueError):
-    """A LoRA file that does not fit the model: wrong architecture, unknown or incomplete layers."""
 
 
 # --- the math -----------------------------------------------------------------------------------------------
@@ -251,14 +230,7 @@ def adapter_summary(adapter: Mapping) -> str:
     return "; ".join(parts) or "empty"
 
 
-# --- reading files ------------------------------------------------------------------------------------------
-
-
-def _safetensors_metadata(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return header.get("__metadata__") or {}
+# --- files --------------------------------------------------------------------------------------------------
 
 
 def resolve_lora_file(path: Union[str, Path]) -> Path:
@@ -268,7 +240,7 @@ def resolve_lora_file(path: Union[str, Path]) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        for name in LORA_FILE_NAMES:
             if (path / name).is_file():
                 return path / name
         files = sorted(path.glob("*.safetensors"))
@@ -283,126 +255,18 @@ def resolve_lora_file(path: Union[str, Path]) -> Path:
 
 def read_lora_file(path: Union[str, Path]) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, safetensors header metadata) of a LoRA file (.safetensors, or a .bin/.pt pickle)."""
-    from sdjax import weights
-
     path = resolve_lora_file(path)
-    state = weights.read_checkpoint_file(path)
-    metadata = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    state = read_checkpoint_file(path)
+    metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return state, metadata
 
 
-def _ldm_kohya_names(config: ModelConfig) -> dict[str, str]:
-    """kohya names of the original LDM U-Net modules -> sdjax module paths."""
-    from sdjax.single_file import unet_module_table
-
+def layer_shapes(config: ModelConfig) -> dict[str, dict[str, tuple]]:
+    """{component: {"a/b/c": kernel shape}} of the layers a LoRA can adapt (nothing is allocated)."""
     return {
-        ldm.replace(".", "_"): "/".join(module_path(diffusers + ".weight"))
-        for ldm, diffusers in unet_module_table(config.unet).items()
+        "unet": _kernel_shapes(param_shapes(UNet2DConditionModel(config=config.unet))),
+        "text_encoder": _kernel_shapes(param_shapes(CLIPTextModel(config=config.text_encoder))),
     }
-
-
-def _torch_module_to_path(module: str) -> str:
-    """``down_blocks.0.attentions.0.proj_in`` -> ``down_blocks_0/attentions_0/proj_in``."""
-    return "/".join(module_path(module + ".weight"))
-
-
-def _path_to_torch_module(path: str) -> str:
-    return torch_key(tuple(path.split("/")), "weight")[: -len(".weight")]
-
-
-def _parse_key(key: str, kohya: Mapping[str, dict], layers: Mapping[str, Mapping]):
-    """A LoRA tensor name -> (component, module path, role), or None when sdjax does not know it."""
-    for prefix, component in _KOHYA_PREFIXES.items():
-        if key.startswith(prefix):
-            name, _, rest = key.partition(".")
-            path = kohya[component].get(name[len(prefix):])
-            role = _KOHYA_ROLES.get(rest)
-            return (component, path, role) if path and role else None
-
-    component = None
-    for prefix in ("unet.", "text_encoder.", "base_model.model."):
-        if key.startswith(prefix):
-            component = prefix[:-1] if prefix != "base_model.model." else None
-            key = key[len(prefix):]
-            break
-
-    match = _PROCESSOR_KEY.fullmatch(key)
-    if match:
-        module, processor, role = match.groups()
-        candidates = [component] if component else list(COMPONENTS)
-        for c in candidates:
-            resolved = _resolve_module(f"{module}.{_PROCESSOR_LAYERS[c][processor]}", c, layers)
-            if resolved:
-                return resolved + (role,)
-        return None
-    for pattern, role in _DIFFUSERS_ROLES:
-        match = pattern.fullmatch(key)
-        if match:
-            candidates = [component] if component else list(COMPONENTS)
-            for c in candidates:
-                resolved = _resolve_module(match.group(1), c, layers)
-                if resolved:
-                    return resolved + (role,)
-            return None
-    return None
-
-
-def _resolve_module(module: str, component: str, layers: Mapping[str, Mapping]):
-    if component == "text_encoder" and module.startswith(_TEXT_PREFIX):
-        module = module[len(_TEXT_PREFIX):]
-    path = _torch_module_to_path(module)
-    return (component, path) if path in layers[component] else None
-
-
-def _metadata_alphas(metadata: Mapping) -> dict[str, dict]:
-    """Per component: the PEFT LoraConfig fields diffusers stores in the ``lora_adapter_metadata`` header."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    config = json.loads(raw)
-    out: dict[str, dict] = {}
-    for key, value in config.items():
-        component, _, field = key.partition(".")
-        out.setdefault(component, {})[field] = value
-    return out
-
-
-def _peft_alpha(config: Mapping, torch_module: str, rank: int) -> float:
-    """PEFT's rule: alpha_pattern (matching a module-name suffix) or lora_alpha; rsLoRA divides by sqrt(r)."""
-    alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", torch_module):
-            alpha = value
-            break
-    if config.get("use_rslora"):
-        alpha = alpha * math.sqrt(rank)  # scaling alpha / sqrt(r) written as alpha' / r
-    return float(alpha)
-
-
-def _to_flax(role: str, array: np.ndarray, kernel_shape: tuple) -> Optional[np.ndarray]:
-    """A PyTorch-layout down/up tensor in sdjax's layout for a layer with ``kernel_shape``; None if it can't fit."""
-    array = np.asarray(array, np.float32)
-    conv = len(kernel_shape) == 4
-    in_features, out_features = kernel_shape[-2], kernel_shape[-1]
-    if role == "down":
-        rank = array.shape[0]
-        if conv and array.ndim == 4 and array.shape[1:] == (in_features,) + tuple(kernel_shape[:2]):
-            return array.transpose(2, 3, 1, 0)
-        flat_ok = array.ndim == 2 or (array.ndim == 4 and array.shape[2:] == (1, 1))
-        if flat_ok and array.shape[1] == in_features and (not conv or kernel_shape[:2] == (1, 1)):
-            down = array.reshape(rank, in_features).T
-            return down.reshape(kernel_shape[:-1] + (rank,)) if conv else down
-        return None
-    flat_ok = array.ndim == 2 or (array.ndim == 4 and array.shape[2:] == (1, 1))
-    if flat_ok and array.shape[0] == out_features:
-        return array.reshape(out_features, array.shape[1]).T
-    return None
-
-
-def _expected_shape(role: str, kernel_shape: tuple, rank) -> tuple:
-    if role == "down":
-        return (rank, kernel_shape[-2]) + (tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else ())
-    return (kernel_shape[-1], rank) + ((1, 1) if len(kernel_shape) == 4 else ())
 
 
 def lora_from_state_dict(
@@ -415,83 +279,14 @@ def lora_from_state_dict(
 ) -> dict:
     """Tensors of any supported format -> an adapter. Unknown keys warn (or raise with ``strict``);
     a tensor whose shape does not fit its layer raises ``LoRAError`` naming the first such key."""
-    layers = {c: _kernel_shapes(t) for c, t in model_templates(config).items()}
-    kohya = {
-        "unet": {**{p.replace("/", "_"): p for p in layers["unet"]}, **_ldm_kohya_names(config)},
-        "text_encoder": {"text_model_" + p.replace("/", "_"): p for p in layers["text_encoder"]},
-    }
-    peft_configs = _metadata_alphas(metadata or {})
-    found: dict[tuple[str, str], dict] = {}
-    unknown = []
-    for key in sorted(state):
-        parsed = _parse_key(key, kohya, layers)
-        if parsed is None:
-            unknown.append(key)
-            continue
-        component, path, role = parsed
-        entry = found.setdefault((component, path), {})
-        if role in entry:
-            raise LoRAError(f"{source}: {key} adapts {component} layer {path}, which another tensor already adapts")
-        entry[role] = (key, state[key])
-
-    if unknown and not found:
-        raise LoRAError(
-            f"{source} adapts no layer of this model: none of its {len(state)} tensors is a known LoRA tensor "
-            f"of this U-Net or text encoder (first: {', '.join(unknown[:3])}); it may be for another architecture "
-            "(SDXL, SD3, Flux) or another kind of adapter (LoHa, LoKr, DoRA)"
-        )
-
-    adapter: dict = {}
-    for (component, path), entry in sorted(found.items(), key=lambda item: min(k for k, _ in item[1].values())):
-        kernel_shape = layers[component][path]
-        if "down" not in entry or "up" not in entry:
-            have = ", ".join(k for k, _ in entry.values())
-            raise LoRAError(f"{source}: {component} layer {path} has an incomplete LoRA (only {have})")
-        (down_key, down), (up_key, up) = entry["down"], entry["up"]
-        rank = down.shape[0]
-        for role, key, array in (("down", down_key, down), ("up", up_key, up)):
-            converted = _to_flax(role, array, kernel_shape) if array.ndim in (2, 4) else None
-            if converted is None or (role == "up" and array.shape[1] != rank):
-                raise LoRAError(
-                    f"{source}: {key} has shape {tuple(array.shape)}, but {component} layer {path} (kernel "
-                    f"{kernel_shape}) needs {_expected_shape(role, kernel_shape, rank)}: this LoRA was made "
-                    "for a different architecture"
-                )
-            entry[role] = converted
-        if "alpha" in entry:
-            alpha = float(np.asarray(entry["alpha"][1], np.float32).reshape(()))
-        elif component in peft_configs:
-            alpha = _peft_alpha(peft_configs[component], _path_to_torch_module(path), rank)
-        else:
-            alpha = float(rank)
-        adapter.setdefault(component, {})[path] = {
-            "down": entry["down"],
-            "up": entry["up"],
-            "alpha": np.asarray(alpha, np.float32),
-        }
-    if unknown:
-        message = (
-            f"{source}: {len(unknown)} tensor(s) are not LoRA weights of this model's layers and were not "
-            f"loaded: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
-        )
-        if strict:
-            raise LoRAError(message)
-        warnings.warn(message, stacklevel=3)
-    return adapter
-
-
-def model_templates(config: ModelConfig) -> dict:
-    """Parameter shapes of the U-Net and text encoder (``jax.eval_shape``: nothing is allocated)."""
-    from sdjax.models.clip import CLIPTextModel
-    from sdjax.models.unet import UNet2DConditionModel
-    from sdjax.weights import parameter_template
-
-    return {
-        "unet": parameter_template(UNet2DConditionModel(config=config.unet), "unet", config.unet),
-        "text_encoder": parameter_template(
-            CLIPTextModel(config=config.text_encoder), "text_encoder", config.text_encoder
-        ),
-    }
+    return adapter_from_tensors(
+        state,
+        layer_shapes(config),
+        unet_module_table(config.unet),
+        metadata=metadata or {},
+        strict=strict,
+        source=source,
+    )
 
 
 def load_lora_file(path: Union[str, Path], config: ModelConfig, *, strict: bool = False) -> dict:
@@ -500,62 +295,14 @@ def load_lora_file(path: Union[str, Path], config: ModelConfig, *, strict: bool 
     return lora_from_state_dict(state, config, metadata=metadata, strict=strict, source=str(path))
 
 
-# --- writing files ------------------------------------------------------------------------------------------
-
-
-def _torch_layout(module: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    """(down, up) as PyTorch weights: linear (r, in) / (out, r), conv (r, in, kh, kw) / (out, r, 1, 1)."""
-    down = np.asarray(module["down"], np.float32)
-    up = np.asarray(module["up"], np.float32).T
-    if down.ndim == 4:
-        return down.transpose(3, 2, 0, 1), up[:, :, None, None]
-    return down.T, up
-
-
-def lora_state_dict(adapter: Mapping, format: str = "peft") -> dict[str, np.ndarray]:
-    """An adapter as PyTorch-layout tensors in ``format``: ``peft`` (diffusers, alpha/r folded into
-    ``lora_B``, which every loader reads the same) or ``kohya`` (A1111 / ComfyUI, with ``.alpha``)."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown LoRA format {format!r}; accepted: {', '.join(FORMATS)}")
-    out = {}
-    for component, modules in adapter.items():
-        if component not in COMPONENTS:
-            raise ValueError(f"adapter component {component!r} is not one of {', '.join(COMPONENTS)}")
-        for path, module in modules.items():
-            down, up = _torch_layout(module)
-            alpha = float(np.asarray(module["alpha"]))
-            if format == "peft":
-                name = _path_to_torch_module(path)
-                prefix = "unet." if component == "unet" else "text_encoder." + _TEXT_PREFIX
-                out[f"{prefix}{name}.lora_A.weight"] = down
-                out[f"{prefix}{name}.lora_B.weight"] = up * (alpha / down.shape[0])
-            else:
-                prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-                name = prefix + path.replace("/", "_")
-                out[f"{name}.lora_down.weight"] = down
-                out[f"{name}.lora_up.weight"] = up
-                out[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    return out
-
-
 def save_lora(path: Union[str, Path], adapter: Mapping, format: str = "peft", *, dtype=np.float32) -> Path:
     """Write ``adapter`` as a ``.safetensors`` file that diffusers (``peft``), or A1111 and ComfyUI
     (``kohya``), load; diffusers reads both."""
-    from sdjax.weights import write_safetensors
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors, got {path}")
     tensors = {k: v.astype(dtype) if v.ndim else v for k, v in lora_state_dict(adapter, format).items()}
-    metadata = {"sdjax_format": format}
-    if format == "kohya":
-        ranks = {int(m["down"].shape[-1]) for mods in adapter.values() for m in mods.values()}
-        alphas = {float(np.asarray(m["alpha"])) for mods in adapter.values() for m in mods.values()}
-        metadata["ss_network_module"] = "networks.lora"
-        if len(ranks) == 1 and len(alphas) == 1:
-            metadata["ss_network_dim"] = str(ranks.pop())
-            metadata["ss_network_alpha"] = f"{alphas.pop():g}"
-    write_safetensors(path, tensors, metadata)
+    write_safetensors(path, tensors, file_metadata(adapter, format))
     return path
 
 

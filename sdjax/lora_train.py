@@ -25,9 +25,12 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from sdjax import data, lora, train
-from sdjax.schedulers import training_alphas_cumprod
+from sdjax.generate import encode_images
+from sdjax.pipeline import StableDiffusion
+from sdjax.schedules import training_alphas_cumprod
 from sdjax.tokenizer import tokenize
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
@@ -93,12 +96,8 @@ def to_model_range(images: np.ndarray) -> jnp.ndarray:
 
 def encode_latents(sd, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Scaled VAE latent means of uint8 NHWC images (what ``cache_latents`` trains on)."""
-    scale, shift = float(sd.config.vae.scaling_factor), float(sd.config.vae.shift_factor or 0.0)
-    encode = jax.jit(
-        lambda p, x: (sd.vae.apply({"params": p}, to_model_range(x).astype(sd.vae.dtype), method="encode")[0] - shift)
-        * scale
-    )
-    parts = [np.asarray(encode(sd.params["vae"], images[i : i + batch_size]), np.float32)
+    encode = jax.jit(lambda p, x: encode_images(sd.models, p, to_model_range(x)))
+    parts = [np.asarray(encode(sd.params, images[i : i + batch_size]), np.float32)
              for i in range(0, len(images), batch_size)]
     return np.concatenate(parts)
 
@@ -106,7 +105,7 @@ def encode_latents(sd, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
 def make_loss_fn(sd, config: LoRATrainConfig):
     """``loss(trainable, frozen, batch, key)``: the diffusion loss of the base model with the adapter applied
     unfused. ``batch`` holds ``ids`` and either ``latents`` (cached) or ``pixels`` (uint8, encoded here)."""
-    scale, shift = float(sd.config.vae.scaling_factor), float(sd.config.vae.shift_factor or 0.0)
+    models, factor = sd.models, sd.vae_scale_factor
     prediction_type = sd.config.scheduler.prediction_type
     clip_skip = sd.config.clip_skip
 
@@ -117,12 +116,9 @@ def make_loss_fn(sd, config: LoRATrainConfig):
         if "latents" in batch:
             latents = batch["latents"]
         else:
-            mean, logvar = sd.vae.apply(
-                {"params": base["vae"]}, to_model_range(batch["pixels"]).astype(sd.vae.dtype), method="encode"
-            )
-            mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-            sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(vae_key, mean.shape)
-            latents = (sample - shift) * scale
+            count, height, width, _ = batch["pixels"].shape
+            shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
+            latents = encode_images(models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
         latents = jax.lax.stop_gradient(latents)
         ids = batch["ids"]
         if config.caption_dropout > 0:
@@ -211,16 +207,16 @@ def train_lora(
             )
         print(f"resumed from {checkpoint} at step {int(state.step) // config.accumulate_steps}", flush=True)
 
-    replicated = step_fn.mesh is None
-    state, frozen = _place(state, step_fn, devices), _place(frozen, step_fn, devices)
+    parallel = step_fn.parallel
+    state, frozen = parallel.place_params(state), parallel.place_params(frozen)
     total_micro = config.steps * config.accumulate_steps
-    start = int(np.ravel(jax.device_get(state.step))[0])
+    start = int(parallel.unreplicate(state.step))
     bar = _progress_bar(total=config.steps, initial=start // config.accumulate_steps, enabled=progress)
     recent: list[float] = []
     started = time.time()
     for micro in range(start, total_micro):
         chosen = batch_indices(len(images), config.batch_size, micro, config.seed)
-        batch = _place_batch({k: v[chosen] for k, v in examples.items()}, step_fn, devices)
+        batch = parallel.place_batch({k: v[chosen] for k, v in examples.items()})
         state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, micro))
         recent.append(metrics["loss"])
         if (micro + 1) % config.accumulate_steps:
@@ -236,34 +232,20 @@ def train_lora(
         bar.update(1)
         last = step == config.steps
         if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
-            host_state = train.unreplicate(state) if replicated else state
-            train.save_checkpoint(checkpoint, host_state, {"config": _config_record(config)})
+            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": _config_record(config)})
         if output and config.sample_every and config.sample_prompts and (step % config.sample_every == 0 or last):
-            write_samples(sd, _trained(state, alphas, replicated), config, output / "samples", step)
+            write_samples(sd, _trained(parallel.unreplicate(state.params), alphas), config, output / "samples", step)
     bar.close()
 
-    adapter = _trained(state, alphas, replicated)
+    adapter = _trained(parallel.unreplicate(state.params), alphas)
     if output:
         lora.save_lora(output / PEFT_FILE, adapter, "peft")
         lora.save_lora(output / KOHYA_FILE, adapter, "kohya")
     return adapter
 
 
-def _trained(state, alphas, replicated: bool) -> dict:
-    params = train.unreplicate(state.params) if replicated else state.params
+def _trained(params, alphas) -> dict:
     return lora.to_host(lora.join_alpha(jax.device_get(params), jax.device_get(alphas)))
-
-
-def _place(tree, step_fn, devices):
-    if step_fn.mesh is None:  # pmap: one copy per device
-        return train.replicate(tree, devices)
-    return train.place_state(tree, step_fn.mesh)
-
-
-def _place_batch(batch, step_fn, devices):
-    if step_fn.mesh is None:
-        return train.shard_batch(batch, len(devices) if devices is not None else None)
-    return train.place_batch(batch, step_fn.mesh)
 
 
 def _config_record(config: LoRATrainConfig) -> dict:
@@ -279,20 +261,17 @@ def _append_log(path: Path, record: dict) -> None:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train-lora", unit="step")
 
 
 def write_samples(sd, adapter: dict, config: LoRATrainConfig, folder: Path, step: int) -> list[Path]:
     """Images of ``config.sample_prompts`` with the adapter at scale 1 (same seeds every time)."""
-    saved = dict(sd.params), dict(sd._lora_scales)
+    name = sd.add_lora(adapter, 1.0, "sdjax-training-sample")
     try:
-        sd.add_lora(adapter, 1.0, "training")
         images = sd.text_to_image(list(config.sample_prompts), steps=config.sample_steps, seed=config.seed,
                                   scheduler="dpmpp_2m")
     finally:
-        sd.params, sd._lora_scales = saved
+        sd.unload_lora(name)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
@@ -333,8 +312,6 @@ def config_from_args(args) -> LoRATrainConfig:
 
 
 def run_from_args(args) -> int:
-    from sdjax.pipeline import StableDiffusion
-
     config = config_from_args(args)
     paths, captions = data.load_image_folder(args.data, caption_from_folder_name=args.caption_from_folder_name)
     sd = StableDiffusion.default(dtype=args.base_dtype) if args.model is None else StableDiffusion.from_pretrained(

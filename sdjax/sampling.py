@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdjax import schedulers
-from sdjax.schedulers import Schedule
+from sdjax import samplers
+from sdjax.samplers import Schedule, per_sample
 
 
 def step_noise(keys: jax.Array, i, shape, dtype=jnp.float32) -> jax.Array:
@@ -28,11 +28,11 @@ def denoise_step(model_fn, schedule: Schedule, x, state, i, noise=None):
     ``noise`` is the Gaussian noise stochastic samplers inject at this evaluation (ignored by
     deterministic ones; zeros when omitted).
     """
-    x_in, t = schedulers.model_input(schedule, i, x)
+    x_in, t = samplers.model_input(schedule, i, x)
     raw = model_fn(x_in, t).astype(jnp.float32)
     if noise is None:
         noise = jnp.zeros_like(x)
-    return schedulers.step(schedule, i, x, state, raw, noise.astype(jnp.float32))
+    return samplers.step(schedule, i, x, state, raw, noise.astype(jnp.float32))
 
 
 def sample(
@@ -56,7 +56,7 @@ def sample(
         the noise of evaluation i from ``fold_in(key[b], i)``. May be None for deterministic ones.
     start_step: first inference step to run (image-to-image strength), a scalar or one per image
         (B,). It may be traced: the scan always runs all ``schedule.num_evals`` evaluations and
-        evaluations before ``start_step * schedule.order`` are skipped, so changing it does not
+        evaluations before ``start_step * schedule.evals_per_step`` are skipped, so changing it does not
         recompile. The sampler state starts fresh at an image's first run evaluation, exactly as
         diffusers' image-to-image pipelines slice ``scheduler.timesteps``. A scalar skips with
         ``lax.cond`` (no model call, x unchanged). Per image, the model runs once any image of the
@@ -69,11 +69,11 @@ def sample(
     """
     x = jnp.asarray(x_init, jnp.float32)
     per_image = jnp.ndim(start_step) == 1
-    first = schedulers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
+    first = samplers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
     if per_image:
-        state = jax.vmap(lambda xb: schedulers.init_state(schedule, xb[None]))(x)
+        state = jax.vmap(lambda xb: samplers.init_state(schedule, xb[None]))(x)
     else:
-        state = schedulers.init_state(schedule, x)
+        state = samplers.init_state(schedule, x)
 
     def noise_at(i):
         if not schedule.stochastic:
@@ -94,7 +94,7 @@ def sample(
         if per_image:
             started = i >= first
             new_x, new_state = jax.tree.map(
-                lambda new, old: jnp.where(started.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+                lambda new, old: jnp.where(per_sample(started, new.ndim), new, old),
                 (new_x, new_state),
                 carry,
             )
@@ -112,12 +112,12 @@ def sample(
 
 def _per_image_step(model_fn, schedule: Schedule, x, state, i, noise=None):
     """``denoise_step`` with one sampler state per image (state leaves lead with the image axis)."""
-    x_in, t = schedulers.model_input(schedule, i, x)
+    x_in, t = samplers.model_input(schedule, i, x)
     raw = model_fn(x_in, t).astype(jnp.float32)
     noise = jnp.zeros_like(x) if noise is None else noise.astype(jnp.float32)
 
     def one_image(x_b, state_b, raw_b, noise_b):
-        x_b, state_b = schedulers.step(schedule, i, x_b[None], state_b, raw_b[None], noise_b[None])
+        x_b, state_b = samplers.step(schedule, i, x_b[None], state_b, raw_b[None], noise_b[None])
         return x_b[0], state_b
 
     return jax.vmap(one_image)(x, state, raw, noise)
@@ -144,19 +144,15 @@ def classifier_free_guidance(
     def model_fn(x, t):
         out = unet_fn(jnp.concatenate([x, x], axis=0), t, context).astype(jnp.float32)
         uncond, cond = jnp.split(out, 2, axis=0)
-        scale = _per_image(guidance_scale, x.ndim)
+        scale = per_sample(jnp.asarray(guidance_scale, jnp.float32), x.ndim)
         guided = uncond + scale * (cond - uncond)
         if skip_rescale:
             return guided
         axes = tuple(range(1, x.ndim))
         std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
         std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
-        rescale = _per_image(guidance_rescale, x.ndim)
+        rescale = per_sample(jnp.asarray(guidance_rescale, jnp.float32), x.ndim)
         return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
 
     return model_fn
 
-
-def _per_image(value, ndim):
-    value = jnp.asarray(value, jnp.float32)
-    return value.reshape(value.shape + (1,) * (ndim - value.ndim)) if value.ndim else value

@@ -2,27 +2,27 @@
 
 Used by the built-in model's training script and by LoRA training. A loss function has the
 signature ``loss_fn(trainable_params, frozen, batch, key) -> (loss, metrics)``; ``make_train_step``
-turns it into one jitted optimizer step that runs data-parallel over all local devices, either with
-``jax.pmap`` (gradients averaged with ``lax.pmean``) or with ``jax.jit`` over a 1-D ``data`` mesh
-(the batch sharded, parameters replicated, XLA inserting the all-reduce).
+turns it into one jitted optimizer step that runs data-parallel over all local devices through
+``sdjax.parallel``: ``jax.jit`` over a 1-D ``data`` mesh (the batch sharded, parameters replicated, XLA
+inserting the all-reduce) or, for compatibility, ``jax.pmap`` (gradients averaged with ``lax.pmean``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-PARALLEL_MODES = ("mesh", "pmap")
+from sdjax.parallel import DATA_AXIS, DataParallel
 
 
 @flax.struct.dataclass
@@ -146,9 +146,18 @@ def diffusion_loss(
 # --- the data-parallel step ---------------------------------------------------------------------------------
 
 
-def data_mesh(devices=None) -> Mesh:
-    devices = np.asarray(devices if devices is not None else jax.local_devices())
-    return Mesh(devices, ("data",))
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """``step(state, frozen, batch, key) -> (state, metrics)``: one compiled optimizer step, and the
+    data-parallel setup it runs under. Place ``state`` and ``frozen`` with ``step.parallel.place_params``
+    and every batch with ``step.parallel.place_batch``; ``step.parallel.unreplicate`` gives one copy of a
+    state back. (On one device, or with ``"mesh"``, unplaced arrays work too: jit places them.)"""
+
+    fn: Callable
+    parallel: DataParallel
+
+    def __call__(self, state: TrainState, frozen, batch, key: jax.Array):
+        return self.fn(state, frozen, batch, key)
 
 
 def make_train_step(
@@ -156,17 +165,20 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: Optional[float] = 0.999,
-    parallel: str = "mesh",
+    parallel: Union[DataParallel, str] = "mesh",
     devices=None,
-):
-    """One optimizer step, jitted and data-parallel over ``devices`` (default: all local devices).
+) -> TrainStep:
+    """One optimizer step, data-parallel over ``devices`` (default: all local devices).
 
-    Returns ``step(state, frozen, batch, key) -> (state, metrics)``. With ``parallel="pmap"`` the
-    state and frozen trees must be replicated (``replicate``) and the batch sharded (``shard_batch``);
-    with ``"mesh"`` they are placed by ``place_state`` / ``place_batch`` from the returned step's mesh.
+    ``parallel``: a ``DataParallel`` value, or its mode ("mesh" or "pmap") to build one over ``devices``.
+    On the mesh XLA inserts the gradient all-reduce; under pmap each device folds its index into the key
+    and the gradients and metrics are averaged with ``lax.pmean``. The state argument is donated.
     """
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"unknown parallel mode {parallel!r}; accepted: {', '.join(PARALLEL_MODES)}")
+    if isinstance(parallel, DataParallel):
+        if devices is not None:
+            raise ValueError("give the devices either in the DataParallel value or as devices=, not both")
+    else:
+        parallel = DataParallel(devices, parallel)
 
     def update(state: TrainState, frozen, batch, key, grad_reduce):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, key)
@@ -179,57 +191,19 @@ def make_train_step(
             ema = ema_update(ema, params, ema_decay)
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
-    if parallel == "pmap":
+    if parallel.mode == "pmap":
 
-        def per_device(state, frozen, batch, key):
-            key = jax.random.fold_in(key, jax.lax.axis_index("data"))
-            return update(state, frozen, batch, key, lambda t: jax.lax.pmean(t, "data"))
+        def step(state, frozen, batch, key):
+            key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+            return update(state, frozen, batch, key, lambda t: jax.lax.pmean(t, DATA_AXIS))
 
-        step = jax.pmap(per_device, axis_name="data", in_axes=(0, 0, 0, None), donate_argnums=(0,), devices=devices)
-        step.mesh = None
-        return step
+    else:
 
-    mesh = data_mesh(devices)
-    step = jax.jit(lambda s, f, b, k: update(s, f, b, k, lambda t: t), donate_argnums=(0,))
-    step.mesh = mesh
-    return step
+        def step(state, frozen, batch, key):
+            return update(state, frozen, batch, key, lambda t: t)
 
-
-def replicate(tree, devices=None):
-    from sdjax.parallel import replicate as replicate_on
-
-    return replicate_on(tree, devices or jax.local_devices())
-
-
-def unreplicate(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
-def shard_batch(batch, num_devices: Optional[int] = None):
-    """Split the leading batch axis into (devices, per_device, ...) for pmap."""
-    n = num_devices or jax.local_device_count()
-
-    def split(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by the {n} devices")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-
-    return jax.tree.map(split, batch)
-
-
-def place_state(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def place_batch(batch, mesh: Mesh):
-    n = mesh.devices.size
-
-    def put(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by the {n} devices")
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-
-    return jax.tree.map(put, batch)
+    kinds = ("params", "params", "batch", "broadcast")
+    return TrainStep(parallel.parallelize(step, kinds, donate_argnums=(0,)), parallel)
 
 
 # --- checkpoints and logs ----------------------------------------------------------------------------------

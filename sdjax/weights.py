@@ -1,149 +1,49 @@
-"""Reading and writing checkpoint files: safetensors (plain, sharded, variants), guarded pickle, hub repos.
+"""Checkpoints -> sdjax parameter trees and back: diffusers folders, hub repos, per-component state dicts.
 
-Everything here returns or takes flat ``{key: numpy array}`` state dicts in the PyTorch layout;
-``sdjax.convert`` turns them into Flax trees. torch is never imported unless a ``.bin`` / ``.ckpt``
-pickle must be read, and then only through ``torch.load(weights_only=True)``.
+Files are read by ``sdjax.layouts.files``; state-dict keys become Flax paths by ``sdjax.layouts.diffusers``,
+checked against each module's parameter shapes (``param_shapes``): every tensor is used exactly once and
+every parameter filled, or a ``WeightsMismatchError`` names what does not fit. Single files in the LDM
+layout come through ``sdjax.single_file``, which converts them to the per-component state dicts used here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
-import ml_dtypes
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from huggingface_hub import list_repo_files, snapshot_download
 
-from sdjax.convert import WeightsMismatchError  # noqa: F401  (raised by the loaders here)
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_DTYPE_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+from sdjax.config import CLIPTextConfig, ModelConfig, SchedulerConfig, UNetConfig, VAEConfig
+from sdjax.layouts.diffusers import (
+    TEXT_ENCODER_BUFFERS,
+    TEXT_MODEL_PREFIX,
+    WeightsMismatchError,  # noqa: F401  (public here: callers catch weights.WeightsMismatchError)
+    flax_to_torch,
+    strip_text_model_prefix,
+    torch_to_flax,
+)
+from sdjax.layouts.files import (
+    CheckpointError,  # noqa: F401  (public here: callers catch weights.CheckpointError)
+    read_checkpoint_file,
+    write_safetensors,
+)
+from sdjax.models.clip import CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models.vae import AutoencoderKL
 
 # File stems diffusers (models) and transformers (text encoders) write, in order of preference.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+# The subfolders of a diffusers-layout Stable Diffusion folder.
+COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: corrupt, truncated or unsafe."""
-
-
-def read_safetensors(path: os.PathLike) -> dict[str, np.ndarray]:
-    """Read a ``.safetensors`` file into numpy arrays (bf16 included), memory-mapped.
-
-    The header is validated against the file size, so a truncated download is reported as such
-    instead of surfacing later as garbage weights.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file: it is only {size} bytes long")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(
-                f"{path} is truncated or not a safetensors file: header claims {header_len} bytes "
-                f"but the file has {size}"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON ({e})") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    data_len = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if data_start + data_len > size:
-        raise CheckpointError(
-            f"{path} is truncated: tensors need {data_start + data_len} bytes, the file has {size}"
-        )
-    buffer = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    out = {}
-    for key, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[key] = buffer[data_start + begin : data_start + end].view(dtype).reshape(info["shape"])
-    return out
-
-
-def write_safetensors(path: os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Optional[dict] = None) -> None:
-    """Write numpy arrays (bf16 included) as a safetensors file that PyTorch tools read."""
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    arrays = []
-    for key in sorted(tensors):
-        array = np.ascontiguousarray(np.asarray(tensors[key]))
-        name = _DTYPE_NAMES.get(array.dtype)
-        if name is None:
-            raise ValueError(f"cannot write tensor {key} of dtype {array.dtype} to safetensors")
-        header[key] = {"dtype": name, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside and rename: arrays memory-mapped from the old file (read_safetensors) stay valid.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in arrays:
-            f.write(array.tobytes())
-    os.replace(tmp, path)
-
-
-def read_torch_pickle(path: os.PathLike) -> dict[str, np.ndarray]:
-    """Read a ``.bin`` / ``.ckpt`` pickle through ``torch.load(weights_only=True)``: never runs code from the file."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path} is a PyTorch pickle; reading it safely needs torch (torch.load with weights_only=True), "
-            "which is not installed. Convert it to .safetensors, or `pip install torch`."
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError and others for disallowed globals or bad files
-        raise CheckpointError(
-            f"{path} could not be loaded safely (torch.load weights_only=True refused or failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may hold more than tensors"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            else:
-                out[key] = value.numpy()
-    return out
-
-
-def read_checkpoint_file(path: os.PathLike) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
-        return read_torch_pickle(path)
-    raise CheckpointError(f"unknown checkpoint file type {path.name}; accepted: .safetensors, .bin, .ckpt, .pt, .pth")
+# --- files and folders ------------------------------------------------------------------------------------
 
 
 def _variant_name(filename: str, variant: Optional[str]) -> str:
@@ -192,9 +92,6 @@ def read_component(folder: Path, variant: Optional[str] = None) -> dict[str, np.
     return state
 
 
-COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-
-
 def resolve_model_dir(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -223,8 +120,6 @@ def resolve_model_dir(
 
 
 def _download(repo_id: str, *, revision, token, variant) -> Path:
-    from huggingface_hub import list_repo_files, snapshot_download
-
     files = list_repo_files(repo_id, revision=revision, token=token)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt"]
@@ -240,55 +135,8 @@ def _download(repo_id: str, *, revision, token, variant) -> Path:
     )
 
 
-# --- diffusers-layout model folders -> configs and parameter trees, and back -------------------------------
-
-
-def _text_encoder_module(config, dtype):
-    from sdjax.models.clip import CLIPTextModel
-
-    return CLIPTextModel(config=config, dtype=dtype, param_dtype=dtype)
-
-
-def parameter_template(module, component: str, config) -> dict:
-    """Shapes and dtypes of a module's parameters, from ``jax.eval_shape`` (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    key = jax.random.PRNGKey(0)
-    if component == "unet":
-        side = 2 ** (len(config.block_out_channels) - 1)
-        args = (
-            jnp.zeros((1, side, side, config.in_channels)),
-            jnp.zeros((1,)),
-            jnp.zeros((1, 1, config.cross_attention_dim)),
-        )
-    elif component == "vae":
-        side = config.downsample_factor
-        args = (jnp.zeros((1, side, side, config.in_channels)),)
-    elif component == "text_encoder":
-        args = (jnp.zeros((1, config.max_position_embeddings), jnp.int32),)
-    else:
-        raise ValueError(f"unknown component {component!r}")
-    return jax.eval_shape(lambda: module.init(key, *args))["params"]
-
-
-def _modules(config, dtype):
-    from sdjax.models.clip import CLIPTextModel
-    from sdjax.models.unet import UNet2DConditionModel
-    from sdjax.models.vae import AutoencoderKL
-
-    kwargs = dict(dtype=dtype, param_dtype=dtype)
-    return {
-        "text_encoder": CLIPTextModel(config=config.text_encoder, **kwargs),
-        "unet": UNet2DConditionModel(config=config.unet, **kwargs),
-        "vae": AutoencoderKL(config=config.vae, **kwargs),
-    }
-
-
-def read_model_config(folder: Path):
+def read_model_config(folder: Path) -> ModelConfig:
     """The ``ModelConfig`` of a diffusers-layout folder, from its config.json files."""
-    from sdjax.config import CLIPTextConfig, ModelConfig, SchedulerConfig, UNetConfig, VAEConfig
-
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -303,41 +151,91 @@ def read_model_config(folder: Path):
     )
 
 
-def params_from_state_dicts(config, states: dict, dtype, *, source: str = "checkpoint") -> dict:
+# --- parameter shapes -------------------------------------------------------------------------------------
+
+
+def _unet_inputs(config: UNetConfig) -> tuple:
+    side = 2 ** (len(config.block_out_channels) - 1)
+    return (
+        jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32),
+    )
+
+
+def _vae_inputs(config: VAEConfig) -> tuple:
+    side = config.downsample_factor
+    return (jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32),)
+
+
+def _text_encoder_inputs(config: CLIPTextConfig) -> tuple:
+    return (jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32),)
+
+
+# The smallest inputs each model initialises from, built from its config.
+_EXAMPLE_INPUTS = {
+    UNet2DConditionModel: _unet_inputs,
+    AutoencoderKL: _vae_inputs,
+    CLIPTextModel: _text_encoder_inputs,
+}
+
+
+def param_shapes(module: nn.Module) -> dict:
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of a module's parameters, from ``jax.eval_shape``:
+    nothing is allocated."""
+    inputs = _EXAMPLE_INPUTS.get(type(module))
+    if inputs is None:
+        known = ", ".join(m.__name__ for m in _EXAMPLE_INPUTS)
+        raise TypeError(f"param_shapes knows no inputs for a {type(module).__name__}; it knows {known}")
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs(module.config))["params"]
+
+
+# --- state dicts <-> parameter trees ----------------------------------------------------------------------
+
+
+def text_encoder_params_from_state_dict(
+    state_dict: Mapping[str, Any], config: CLIPTextConfig, dtype: Any = None
+) -> dict:
+    """A transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) -> Flax params.
+
+    The non-persistent ``embeddings.position_ids`` buffer, which older checkpoints contain, is ignored.
+    """
+    return torch_to_flax(
+        strip_text_model_prefix(state_dict),
+        param_shapes(CLIPTextModel(config)),
+        what="text encoder checkpoint",
+        ignore=TEXT_ENCODER_BUFFERS,
+        dtype=dtype,
+    )
+
+
+def text_encoder_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params -> transformers state dict with ``text_model.`` keys (loads in transformers 4 and 5)."""
+    return {TEXT_MODEL_PREFIX + key: value for key, value in flax_to_torch(params).items()}
+
+
+def params_from_state_dicts(config: ModelConfig, states: Mapping, dtype, *, source: str = "checkpoint") -> dict:
     """Per-component PyTorch state dicts -> the sdjax parameter tree (device arrays of ``dtype``)."""
-    import jax
-    import jax.numpy as jnp
-
-    from sdjax.convert import torch_to_flax
-    from sdjax.models.clip import text_encoder_params_from_state_dict
-
-    modules = _modules(config, dtype)
+    kwargs = dict(dtype=dtype, param_dtype=dtype)
+    unet = param_shapes(UNet2DConditionModel(config=config.unet, **kwargs))
+    vae = param_shapes(AutoencoderKL(config=config.vae, **kwargs))
     params = {
         "text_encoder": text_encoder_params_from_state_dict(states["text_encoder"], config.text_encoder, dtype=dtype),
-        "unet": torch_to_flax(
-            states["unet"], parameter_template(modules["unet"], "unet", config.unet), what=f"{source} unet", dtype=dtype
-        ),
-        "vae": torch_to_flax(
-            states["vae"], parameter_template(modules["vae"], "vae", config.vae), what=f"{source} vae", dtype=dtype
-        ),
+        "unet": torch_to_flax(states["unet"], unet, what=f"{source} unet", dtype=dtype),
+        "vae": torch_to_flax(states["vae"], vae, what=f"{source} vae", dtype=dtype),
     }
     return jax.tree.map(jnp.asarray, params)
 
 
-def load_pretrained(folder: Path, *, dtype, variant: Optional[str] = None):
+def load_pretrained(folder: Path, *, dtype, variant: Optional[str] = None) -> tuple[ModelConfig, dict]:
     """A diffusers-layout folder -> (ModelConfig, params)."""
     config = read_model_config(folder)
     states = {name: read_component(folder / name, variant) for name in ("text_encoder", "unet", "vae")}
     return config, params_from_state_dicts(config, states, dtype, source=str(folder))
 
 
-def state_dicts_from_params(params: dict) -> dict:
+def state_dicts_from_params(params: Mapping) -> dict:
     """The sdjax parameter tree -> per-component PyTorch-layout state dicts (numpy)."""
-    import jax
-
-    from sdjax.convert import flax_to_torch
-    from sdjax.models.clip import text_encoder_state_dict
-
     params = jax.device_get(params)
     return {
         "text_encoder": text_encoder_state_dict(params["text_encoder"]),

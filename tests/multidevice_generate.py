@@ -21,16 +21,8 @@ from sdjax.pipeline import StableDiffusion  # noqa: E402
 
 def run_one_image(sd, request, index):
     """Image ``index`` of ``request`` alone, through the same executor path (its key folds in ``index``)."""
-    from sdjax import schedulers
-    from sdjax.pipeline import generate
-
-    req = sd._text_request(
-        request["prompt"], None, 1, request["guidance_scale"], request["seed"], None, None, None, "latent"
-    )
-    batch = {k: v[index : index + 1] for k, v in req.batch.items()}
-    schedule = schedulers.make_schedule(request["scheduler"], sd.config.scheduler, request["steps"])
-    static = dict(models=sd._models(), latent_shape=req.latent_shape, output="latent", progress=False)
-    return sd._executor.run(generate, sd.params, batch, schedule, static=static)
+    job = sd.prepare("text_to_image", **request, output="latent")
+    return sd.run(job.take(slice(index, index + 1)))
 
 
 def main(model_dir: str) -> None:

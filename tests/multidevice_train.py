@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sdjax import train  # noqa: E402
+from sdjax import parallel, train  # noqa: E402
 from test_train import denoiser_setup  # noqa: E402
 
 
@@ -23,18 +23,21 @@ def main():
     single, metrics = one(state, frozen, batch, jax.random.PRNGKey(0))
 
     mesh_step = train.make_train_step(loss_fn, optimizer)
-    mesh_state = train.place_state(train.init_state(params, optimizer), mesh_step.mesh)
-    meshed, mesh_metrics = mesh_step(mesh_state, train.place_state(frozen, mesh_step.mesh),
-                                     train.place_batch(batch, mesh_step.mesh), jax.random.PRNGKey(0))
+    mesh = mesh_step.parallel
+    assert mesh.num_devices == 8 and mesh.mode == "mesh"
+    meshed, mesh_metrics = mesh_step(mesh.place_params(train.init_state(params, optimizer)), mesh.place_params(frozen),
+                                     mesh.place_batch(batch), jax.random.PRNGKey(0))
     diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                             single.params, meshed.params)))
     print(f"mesh vs single max param diff {diff:.2e}, loss {float(metrics['loss']):.5f} vs {float(mesh_metrics['loss']):.5f}")
     assert diff < 1e-5
 
-    pmap_step = train.make_train_step(loss_fn, optimizer, parallel="pmap")
-    replicated = train.replicate(train.init_state(params, optimizer))
-    pmapped, pmap_metrics = pmap_step(replicated, train.replicate(frozen), train.shard_batch(batch), jax.random.PRNGKey(0))
-    pmapped = train.unreplicate(pmapped)
+    pmap = parallel.DataParallel(jax.devices(), "pmap")
+    pmap_step = train.make_train_step(loss_fn, optimizer, parallel=pmap)
+    replicated = pmap.place_params(train.init_state(params, optimizer))
+    pmapped, pmap_metrics = pmap_step(replicated, pmap.place_params(frozen), pmap.place_batch(batch),
+                                      jax.random.PRNGKey(0))
+    pmapped = pmap.unreplicate(pmapped)
     loss = float(np.mean(pmap_metrics["loss"]))
     print(f"pmap loss {loss:.5f}, step {int(pmapped.step)}")
     assert int(pmapped.step) == 1 and np.isfinite(loss)

@@ -105,6 +105,12 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def decode_unit(sd, latents) -> np.ndarray:
+    """sdjax latents decoded in fp32 and mapped to [0, 1] the way diffusers' output_type='np' does."""
+    images = sd.vae.apply({"params": sd.params["vae"]}, latents / sd.config.vae.scaling_factor, method="decode")
+    return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
+
+
 def nchw(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 

@@ -5,17 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
-import reference
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_model")
-    reference.save_pipeline(path)
-    return path
 
 
 def sdjax(*args, cache_dir, check=True):
@@ -28,8 +19,8 @@ def sdjax(*args, cache_dir, check=True):
     return result
 
 
-def test_generate_writes_png_with_parameters_and_is_reproducible(model_dir, tmp_path):
-    common = ["generate", "a red circle on a blue background", "--model", model_dir, "--steps", "3", "--seed", "7",
+def test_generate_writes_png_with_parameters_and_is_reproducible(tiny_pipeline_dir, tmp_path):
+    common = ["generate", "a red circle on a blue background", "--model", tiny_pipeline_dir, "--steps", "3", "--seed", "7",
               "--negative", "blurry", "--scheduler", "euler", "--size", "64x48"]
     first = sdjax(*common, "--out", tmp_path / "a.png", cache_dir=tmp_path / "cache")
     assert str(tmp_path / "a.png") in first.stdout
@@ -44,8 +35,8 @@ def test_generate_writes_png_with_parameters_and_is_reproducible(model_dir, tmp_
     assert any((tmp_path / "cache").iterdir()), "the persistent compilation cache was not written"
 
 
-def test_generate_several_images_into_a_folder(model_dir, tmp_path):
-    result = sdjax("generate", "a cat", "--model", model_dir, "--steps", "2", "-n", "3", "--parallel", "pmap",
+def test_generate_several_images_into_a_folder(tiny_pipeline_dir, tmp_path):
+    result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--steps", "2", "-n", "3", "--parallel", "pmap",
                    "--no-progress", "--out", tmp_path / "out", cache_dir=tmp_path / "cache")
     paths = sorted((tmp_path / "out").glob("*.png"))
     assert [p.name for p in paths] == ["sdjax_0_0.png", "sdjax_0_1.png", "sdjax_0_2.png"]
@@ -54,26 +45,26 @@ def test_generate_several_images_into_a_folder(model_dir, tmp_path):
     assert not np.array_equal(arrays[0], arrays[1])
 
 
-def test_bad_arguments_give_clear_errors(model_dir, tmp_path):
-    result = sdjax("generate", "a cat", "--model", model_dir, "--size", "60x64", cache_dir=tmp_path, check=False)
+def test_bad_arguments_give_clear_errors(tiny_pipeline_dir, tmp_path):
+    result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--size", "60x64", cache_dir=tmp_path, check=False)
     assert result.returncode == 2
     assert "width=60 is not a multiple of the VAE's downsampling factor 8; nearest valid sizes: 56 or 64" in result.stderr
     result = sdjax("generate", "a cat", "--model", tmp_path / "missing", cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "model folder not found" in result.stderr
-    result = sdjax("generate", "a cat", "--model", model_dir, "--scheduler", "nope", cache_dir=tmp_path, check=False)
+    result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--scheduler", "nope", cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "unknown scheduler 'nope'" in result.stderr
     result = sdjax("generate", "a cat", "--size", "big", cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "size must look like WIDTHxHEIGHT" in result.stderr
 
 
-def test_convert_folder_to_single_file_and_back(model_dir, tmp_path):
+def test_convert_folder_to_single_file_and_back(tiny_pipeline_dir, tmp_path):
     from sdjax import weights
 
-    sdjax("convert", model_dir, tmp_path / "model.safetensors", cache_dir=tmp_path)
+    sdjax("convert", tiny_pipeline_dir, tmp_path / "model.safetensors", cache_dir=tmp_path)
     # Tiny models break the SD head-width rules that inference relies on, so pass the config folder.
-    sdjax("convert", tmp_path / "model.safetensors", tmp_path / "back", "--config", model_dir, cache_dir=tmp_path)
+    sdjax("convert", tmp_path / "model.safetensors", tmp_path / "back", "--config", tiny_pipeline_dir, cache_dir=tmp_path)
     for component in ("unet", "vae", "text_encoder"):
-        original = weights.read_component(model_dir / component)
+        original = weights.read_component(tiny_pipeline_dir / component)
         back = weights.read_component(tmp_path / "back" / component)
         original = {k.removeprefix("text_model."): v for k, v in original.items()}
         back = {k.removeprefix("text_model."): v for k, v in back.items()}
@@ -82,7 +73,7 @@ def test_convert_folder_to_single_file_and_back(model_dir, tmp_path):
             np.testing.assert_array_equal(original[key], back[key])
 
 
-def test_info_prints_devices_and_config(model_dir, tmp_path):
-    result = sdjax("info", "--model", model_dir, cache_dir=tmp_path)
+def test_info_prints_devices_and_config(tiny_pipeline_dir, tmp_path):
+    result = sdjax("info", "--model", tiny_pipeline_dir, cache_dir=tmp_path)
     assert "jax " in result.stdout and "device 0" in result.stdout
     assert "unet: in_channels 4" in result.stdout and "native size: 64px" in result.stdout

@@ -11,13 +11,9 @@ from safetensors.numpy import load_file, save_file
 
 from reference import rel_err, save_text_encoder
 from sdjax.config import CLIPTextConfig
-from sdjax.convert import WeightsMismatchError
-from sdjax.models.clip import (
-    CLIPTextModel,
-    _activation,
-    text_encoder_params_from_state_dict,
-    text_encoder_state_dict,
-)
+from sdjax.layouts.diffusers import WeightsMismatchError
+from sdjax.models.clip import CLIPTextModel, _activation
+from sdjax.weights import text_encoder_params_from_state_dict, text_encoder_state_dict
 
 BOS, EOS = 49406, 49407
 # Two extra "added" tokens above EOS, so argmax pooling (legacy) and first-EOS pooling differ.

@@ -4,7 +4,7 @@ input checks.
 
 diffusers draws the noise added to the image (``randn_tensor``) and the VAE posterior samples
 (``retrieve_latents`` -> ``latent_dist.sample``) from torch generators. The tests compute sdjax's
-own draws for the request (``initial_noise`` is passed as ``latents``; ``encoder_noise`` gives the
+own draws for the request (the initial noise is passed as ``latents``; ``image_normals`` gives the
 posterior draws of each key stream) and inject exactly those into diffusers by patching its two
 functions, so both sides sample the same posterior and add the same noise.
 """
@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 
 import reference
-from reference import nchw, rel_err
+from reference import decode_unit, nchw, rel_err
 from sdjax import images as image_inputs
 from sdjax.data import render
-from sdjax.pipeline import IMAGE_STREAM, MASKED_IMAGE_STREAM, StableDiffusion, encoder_noise, image_keys
+from sdjax.generate import KeyStream, image_normals
+from sdjax.inputs import image_keys
+from sdjax.pipeline import StableDiffusion
 from sdjax.sampling import sample
-from sdjax.schedulers import SCHEDULERS, add_noise, make_schedule
+from sdjax.samplers import SCHEDULERS, add_noise, make_schedule
 from test_schedulers import SD_CONFIG, draws, stand_in_jax
 
 STEPS = 8
@@ -38,39 +40,18 @@ LATENT = (8, 8, 4)
 
 
 @pytest.fixture(scope="module")
-def plain_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_plain")
-    reference.save_pipeline(path)
-    return path
+def sd(tiny_pipeline_dir):
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
-def inpaint_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_inpaint")
-    reference.save_pipeline(path, unet={"in_channels": 9})
-    return path
+def sd_inpaint(tiny_inpaint_dir):
+    return StableDiffusion.from_pretrained(tiny_inpaint_dir, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
-def depth_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_depth")
-    reference.save_pipeline(path, unet={"in_channels": 5})
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd(plain_dir):
-    return StableDiffusion.from_pretrained(plain_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def sd_inpaint(inpaint_dir):
-    return StableDiffusion.from_pretrained(inpaint_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def sd_depth(depth_dir):
-    return StableDiffusion.from_pretrained(depth_dir, dtype=jnp.float32)
+def sd_depth(tiny_depth_dir):
+    return StableDiffusion.from_pretrained(tiny_depth_dir, dtype=jnp.float32)
 
 
 def torch_pipeline(cls_name, path, **extra):
@@ -111,14 +92,8 @@ def depth_maps():
 def draws_of(count, streams):
     keys = image_keys(SEED, count)
     noise = np.random.RandomState(1).randn(count, *LATENT).astype(np.float32)
-    posterior = [np.asarray(encoder_noise(keys, LATENT, stream)) for stream in streams]
+    posterior = [np.asarray(image_normals(keys, stream, LATENT)) for stream in streams]
     return noise, posterior
-
-
-def decode(sd, latents):
-    """Our latents decoded in fp32 and mapped to [0, 1] the way diffusers' output_type='np' does."""
-    images = sd.vae.apply({"params": sd.params["vae"]}, latents / sd.config.vae.scaling_factor, method="decode")
-    return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
 
 
 def run_diffusers(pipe, module_name, monkeypatch, noise, posterior, **call):
@@ -148,9 +123,9 @@ def run_diffusers(pipe, module_name, monkeypatch, noise, posterior, **call):
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
-def test_image_to_image_matches_diffusers(sd, plain_dir, monkeypatch, strength):
-    pipe = torch_pipeline("StableDiffusionImg2ImgPipeline", plain_dir)
-    noise, posterior = draws_of(2, [IMAGE_STREAM])
+def test_image_to_image_matches_diffusers(sd, tiny_pipeline_dir, monkeypatch, strength):
+    pipe = torch_pipeline("StableDiffusionImg2ImgPipeline", tiny_pipeline_dir)
+    noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
         pipe, "pipeline_stable_diffusion_img2img", monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), strength=strength, guidance_scale=7.5,
@@ -158,16 +133,16 @@ def test_image_to_image_matches_diffusers(sd, plain_dir, monkeypatch, strength):
     latents = sd.image_to_image(
         PROMPTS, init_images(), strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
     )
-    err = rel_err(decode(sd, latents), expected)
+    err = rel_err(decode_unit(sd, latents), expected)
     print(f"img2img strength {strength}: rel err {err:.2e}")
     assert err < 1e-3
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
-def test_inpainting_model_matches_diffusers(sd_inpaint, inpaint_dir, monkeypatch, strength):
-    pipe = torch_pipeline("StableDiffusionInpaintPipeline", inpaint_dir)
+def test_inpainting_model_matches_diffusers(sd_inpaint, tiny_inpaint_dir, monkeypatch, strength):
+    pipe = torch_pipeline("StableDiffusionInpaintPipeline", tiny_inpaint_dir)
     # diffusers encodes the init image only when it noises it (strength < 1), then the masked image.
-    streams = [MASKED_IMAGE_STREAM] if strength == 1.0 else [IMAGE_STREAM, MASKED_IMAGE_STREAM]
+    streams = [KeyStream.MASKED_IMAGE] if strength == 1.0 else [KeyStream.IMAGE, KeyStream.MASKED_IMAGE]
     noise, posterior = draws_of(2, streams)
     expected = run_diffusers(
         pipe, "pipeline_stable_diffusion_inpaint", monkeypatch, noise, posterior,
@@ -176,20 +151,20 @@ def test_inpainting_model_matches_diffusers(sd_inpaint, inpaint_dir, monkeypatch
     latents = sd_inpaint.inpaint(
         PROMPTS, init_images(), masks(), strength=strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
     )
-    err = rel_err(decode(sd_inpaint, latents), expected)
+    err = rel_err(decode_unit(sd_inpaint, latents), expected)
     print(f"inpaint 9-channel strength {strength}: rel err {err:.2e}")
     assert err < 1e-3
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler"])
 @pytest.mark.parametrize("strength", STRENGTHS)
-def test_blended_inpainting_matches_diffusers(sd, plain_dir, monkeypatch, strength, scheduler):
+def test_blended_inpainting_matches_diffusers(sd, tiny_pipeline_dir, monkeypatch, strength, scheduler):
     import diffusers
 
-    pipe = torch_pipeline("StableDiffusionInpaintPipeline", plain_dir)
+    pipe = torch_pipeline("StableDiffusionInpaintPipeline", tiny_pipeline_dir)
     if scheduler == "euler":
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    noise, posterior = draws_of(2, [IMAGE_STREAM, MASKED_IMAGE_STREAM])  # diffusers encodes both
+    noise, posterior = draws_of(2, [KeyStream.IMAGE, KeyStream.MASKED_IMAGE])  # diffusers encodes both
     expected = run_diffusers(
         pipe, "pipeline_stable_diffusion_inpaint", monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), mask_image=masks(), strength=strength, guidance_scale=7.5,
@@ -198,15 +173,15 @@ def test_blended_inpainting_matches_diffusers(sd, plain_dir, monkeypatch, streng
         PROMPTS, init_images(), masks(), strength=strength, steps=STEPS, seed=SEED, latents=noise,
         scheduler=scheduler, output="latent",
     )
-    err = rel_err(decode(sd, latents), expected)
+    err = rel_err(decode_unit(sd, latents), expected)
     print(f"inpaint 4-channel {scheduler} strength {strength}: rel err {err:.2e}")
     assert err < 1e-3
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
-def test_depth_to_image_matches_diffusers(sd_depth, depth_dir, monkeypatch, strength):
-    pipe = torch_pipeline("StableDiffusionDepth2ImgPipeline", depth_dir, depth_estimator=None, feature_extractor=None)
-    noise, posterior = draws_of(2, [IMAGE_STREAM])
+def test_depth_to_image_matches_diffusers(sd_depth, tiny_depth_dir, monkeypatch, strength):
+    pipe = torch_pipeline("StableDiffusionDepth2ImgPipeline", tiny_depth_dir, depth_estimator=None, feature_extractor=None)
+    noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
         pipe, "pipeline_stable_diffusion_depth2img", monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), depth_map=torch.from_numpy(depth_maps()), strength=strength,
@@ -215,7 +190,7 @@ def test_depth_to_image_matches_diffusers(sd_depth, depth_dir, monkeypatch, stre
     latents = sd_depth.depth_to_image(
         PROMPTS, init_images(), depth_maps(), strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
     )
-    err = rel_err(decode(sd_depth, latents), expected)
+    err = rel_err(decode_unit(sd_depth, latents), expected)
     print(f"depth2img strength {strength}: rel err {err:.2e}")
     assert err < 1e-3
 
@@ -226,14 +201,14 @@ def test_depth_to_image_matches_diffusers(sd_depth, depth_dir, monkeypatch, stre
 def test_new_strengths_images_and_seeds_do_not_recompile(sd):
     images = init_images()
     sd.image_to_image(PROMPTS, images, 0.3, steps=4, seed=1, output="latent")
-    count = sd._executor.compile_count()
+    count = sd.executor.compile_count()
     sd.image_to_image(PROMPTS, images[::-1], 0.75, steps=4, seed=2, output="latent")
     sd.image_to_image(PROMPTS, images, [1.0, 0.5], steps=4, seed=[3, 4], guidance_scale=[2.0, 5.0], output="latent")
-    assert sd._executor.compile_count() == count
+    assert sd.executor.compile_count() == count
     sd.inpaint(PROMPTS, images, masks(), strength=0.3, steps=4, output="latent")
-    count = sd._executor.compile_count()
+    count = sd.executor.compile_count()
     sd.inpaint(PROMPTS, images, masks()[::-1], strength=[0.9, 1.0], steps=4, seed=5, output="latent")
-    assert sd._executor.compile_count() == count
+    assert sd.executor.compile_count() == count
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "dpmpp_2m", "heun"])
@@ -290,7 +265,7 @@ def test_blended_inpainting_keeps_the_unmasked_latents(sd):
     keys = image_keys(2, 1)
     pixels = image_inputs.load_images([image], 64, 64)
     mean, logvar = sd.vae.apply({"params": sd.params["vae"]}, pixels, method="encode")
-    known = (mean + np.exp(0.5 * logvar) * encoder_noise(keys, LATENT, IMAGE_STREAM)) * sd.config.vae.scaling_factor
+    known = (mean + np.exp(0.5 * logvar) * image_normals(keys, KeyStream.IMAGE, LATENT)) * sd.config.vae.scaling_factor
     np.testing.assert_allclose(latents[:, :, 4:], known[:, :, 4:], rtol=0, atol=1e-5)
     assert np.abs(latents[:, :, :4] - known[:, :, :4]).mean() > 0.1
 
@@ -299,11 +274,11 @@ def test_keep_unmasked_pastes_the_input_back_outside_the_mask(sd):
     image, mask = np.asarray(init_images()[0]), np.asarray(masks()[0])  # mask: rows 16..47, columns 8..39
     request = dict(prompt="a cat", image=image, mask=mask, steps=3, seed=4)
     kept = sd.inpaint(**request, output="np")
-    count = sd._executor.compile_count()
+    count = sd.executor.compile_count()
     plain = sd.inpaint(**request, keep_unmasked=False, output="np")
-    assert sd._executor.compile_count() == count
+    assert sd.executor.compile_count() == count
     latents = sd.inpaint(**request, output="latent")
-    decoded = np.round(decode(sd, latents) * 255)
+    decoded = np.round(decode_unit(sd, latents) * 255)
     assert np.abs(plain.astype(np.float32) - decoded).max() <= 1  # diffusers' output: the plain decode
     inside = mask > 127
     np.testing.assert_array_equal(kept[0][inside], plain[0][inside])
@@ -347,7 +322,7 @@ def test_strength_zero_returns_the_image_through_the_vae(sd):
     keys = image_keys(9, 1)
     pixels = image_inputs.load_images(init_images()[:1], 64, 64)
     mean, logvar = sd.vae.apply({"params": sd.params["vae"]}, pixels, method="encode")
-    known = (mean + np.exp(0.5 * logvar) * encoder_noise(keys, LATENT, IMAGE_STREAM)) * sd.config.vae.scaling_factor
+    known = (mean + np.exp(0.5 * logvar) * image_normals(keys, KeyStream.IMAGE, LATENT)) * sd.config.vae.scaling_factor
     np.testing.assert_allclose(latents, known, rtol=0, atol=1e-5)
 
 
@@ -384,7 +359,7 @@ def save_tiny_dpt(path):
     return model
 
 
-def test_depth_estimator_matches_diffusers(depth_dir, tmp_path, monkeypatch):
+def test_depth_estimator_matches_diffusers(tiny_depth_dir, tmp_path, monkeypatch):
     """With no depth map, both sides estimate depth with the same (tiny random) DPT."""
     from transformers import DPTImageProcessor
 
@@ -392,28 +367,28 @@ def test_depth_estimator_matches_diffusers(depth_dir, tmp_path, monkeypatch):
 
     dpt = save_tiny_dpt(tmp_path)
     pipe = torch_pipeline(
-        "StableDiffusionDepth2ImgPipeline", depth_dir, depth_estimator=dpt,
+        "StableDiffusionDepth2ImgPipeline", tiny_depth_dir, depth_estimator=dpt,
         feature_extractor=DPTImageProcessor.from_pretrained(tmp_path / "feature_extractor"),
     )
-    sd = StableDiffusion.from_pretrained(depth_dir, dtype=jnp.float32)
+    sd = StableDiffusion.from_pretrained(tiny_depth_dir, dtype=jnp.float32)
     sd.depth_estimator = DepthEstimator(str(tmp_path / "depth_estimator"), str(tmp_path / "feature_extractor"))
-    noise, posterior = draws_of(2, [IMAGE_STREAM])
+    noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
         pipe, "pipeline_stable_diffusion_depth2img", monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), strength=0.75, guidance_scale=7.5,
     )
     latents = sd.depth_to_image(PROMPTS, init_images(), strength=0.75, steps=STEPS, seed=SEED, latents=noise,
                                 output="latent")
-    err = rel_err(decode(sd, latents), expected)
+    err = rel_err(decode_unit(sd, latents), expected)
     print(f"depth2img with the depth estimator: rel err {err:.2e}")
     assert err < 1e-3
 
 
-def test_model_folder_with_a_depth_estimator_uses_it(depth_dir, tmp_path):
+def test_model_folder_with_a_depth_estimator_uses_it(tiny_depth_dir, tmp_path):
     import shutil
 
     folder = tmp_path / "with_dpt"
-    shutil.copytree(depth_dir, folder)
+    shutil.copytree(tiny_depth_dir, folder)
     save_tiny_dpt(folder)
     sd = StableDiffusion.from_pretrained(folder, dtype=jnp.float32)
     assert sd.depth_estimator is not None and sd.depth_estimator.model_source.endswith("depth_estimator")

@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import reference
 from sdjax.data import render
 from test_cli import sdjax
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_image_model")
-    reference.save_pipeline(path)
-    return path
 
 
 @pytest.fixture()
@@ -25,8 +17,8 @@ def inputs(tmp_path):
     return tmp_path
 
 
-def test_img2img_and_inpaint_write_pngs_with_parameters(model_dir, inputs):
-    common = ["--model", model_dir, "--image", inputs / "in.png", "--steps", "4", "--seed", "5", "--scheduler",
+def test_img2img_and_inpaint_write_pngs_with_parameters(tiny_pipeline_dir, inputs):
+    common = ["--model", tiny_pipeline_dir, "--image", inputs / "in.png", "--steps", "4", "--seed", "5", "--scheduler",
               "ddim", "--no-progress"]
     sdjax("img2img", "a green square", *common, "--strength", "0.5", "--out", inputs / "a.png",
           cache_dir=inputs / "cache")
@@ -42,23 +34,21 @@ def test_img2img_and_inpaint_write_pngs_with_parameters(model_dir, inputs):
     assert "Mode: inpaint, Image index: 1" in Image.open(paths[1]).text["parameters"]
 
 
-def test_image_commands_give_clear_errors(model_dir, inputs):
-    result = sdjax("img2img", "a cat", "--model", model_dir, "--image", inputs / "missing.png", cache_dir=inputs,
+def test_image_commands_give_clear_errors(tiny_pipeline_dir, inputs):
+    result = sdjax("img2img", "a cat", "--model", tiny_pipeline_dir, "--image", inputs / "missing.png", cache_dir=inputs,
                    check=False)
     assert result.returncode == 2 and "--image file not found" in result.stderr
-    result = sdjax("img2img", "a cat", "--model", model_dir, "--image", inputs / "in.png", "--strength", "1.5",
+    result = sdjax("img2img", "a cat", "--model", tiny_pipeline_dir, "--image", inputs / "in.png", "--strength", "1.5",
                    cache_dir=inputs, check=False)
     assert result.returncode == 2 and "strength must be in [0, 1]" in result.stderr
-    result = sdjax("depth2img", "a cat", "--model", model_dir, "--image", inputs / "in.png", cache_dir=inputs,
+    result = sdjax("depth2img", "a cat", "--model", tiny_pipeline_dir, "--image", inputs / "in.png", cache_dir=inputs,
                    check=False)
     assert result.returncode == 2 and "depth_to_image needs a U-Net with 5 input channels" in result.stderr
 
 
-def test_depth2img_reads_a_depth_map_file(tmp_path_factory, inputs):
-    depth_model = tmp_path_factory.mktemp("cli_depth_model")
-    reference.save_pipeline(depth_model, unet={"in_channels": 5})
+def test_depth2img_reads_a_depth_map_file(tiny_depth_dir, inputs):
     yy, xx = np.mgrid[:32, :32]
     np.save(inputs / "depth.npy", (xx + 2 * yy).astype(np.float32))
-    sdjax("depth2img", "a cat", "--model", depth_model, "--image", inputs / "in.png", "--depth", inputs / "depth.npy",
+    sdjax("depth2img", "a cat", "--model", tiny_depth_dir, "--image", inputs / "in.png", "--depth", inputs / "depth.npy",
           "--steps", "2", "--no-progress", "--out", inputs / "d.png", cache_dir=inputs / "cache")
     assert "Mode: depth2img" in Image.open(inputs / "d.png").text["parameters"]

@@ -14,9 +14,9 @@ import torch
 import reference
 from reference import nchw, nhwc, rel_err
 from sdjax import data, lora, lora_train
+from sdjax.layouts.files import write_safetensors
+from sdjax.layouts.ldm import unet_module_table
 from sdjax.pipeline import StableDiffusion
-from sdjax.single_file import unet_module_table
-from sdjax.weights import write_safetensors
 
 pytest.importorskip("peft", reason="diffusers needs peft to load LoRA files")
 
@@ -33,35 +33,28 @@ PROMPTS = ["a purple star on a green background", "a red circle"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lora_pipeline")
-    reference.save_pipeline(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def torch_pipe(model_dir):
+def torch_pipe(tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture
-def sd(model_dir):
-    return StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32)
+def sd(tiny_pipeline_dir):
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
-def inputs(model_dir):
+def inputs(tiny_pipeline_dir):
     rng = np.random.RandomState(0)
-    sd = StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32)
+    sd = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
     return {
         "x": rng.randn(2, 8, 8, 4).astype(np.float32),
         "t": np.array([10, 500]),
         "context": rng.randn(2, 77, 32).astype(np.float32),
-        "ids": sd._tokenize(PROMPTS),
+        "ids": sd.tokenize(PROMPTS),
     }
 
 
@@ -250,12 +243,12 @@ def test_changing_the_scale_does_not_recompile(tmp_path, torch_pipe, sd):
     name = sd.load_lora(path, scale=0.0)
     kwargs = dict(steps=2, seed=0, scheduler="ddim", output="latent")
     without = sd.text_to_image(PROMPTS, **kwargs)
-    compiled = sd._executor.compile_count()
+    compiled = sd.executor.compile_count()
     sd.set_lora_scale(name, 1.0)
     with_lora = sd.text_to_image(PROMPTS, **kwargs)
     sd.set_lora_scale(name, 0.5)
     sd.text_to_image(PROMPTS, **kwargs)
-    assert sd._executor.compile_count() == compiled
+    assert sd.executor.compile_count() == compiled
     assert rel_err(with_lora, without) > 0.05
     # scale 0 is the base model
     sd.unload_lora()
@@ -308,7 +301,7 @@ def shapes_folder(path, count: int = 8, size: int = 64):
     return path
 
 
-def test_trained_lora_round_trips_through_diffusers(tmp_path, model_dir, torch_pipe, sd, inputs):
+def test_trained_lora_round_trips_through_diffusers(tmp_path, tiny_pipeline_dir, torch_pipe, sd, inputs):
     folder = shapes_folder(tmp_path / "images")
     paths, captions = data.load_image_folder(folder)
     images = data.load_images(paths, 64)
@@ -406,27 +399,27 @@ def test_image_folder_errors(tmp_path):
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
 
 
-def test_cli_train_lora(tmp_path, model_dir):
+def test_cli_train_lora(tmp_path, tiny_pipeline_dir):
     from sdjax.cli import main
 
     folder = shapes_folder(tmp_path / "images", count=2)
     out = tmp_path / "out"
-    code = main(["train-lora", "--data", str(folder), "--out", str(out), "--model", str(model_dir), "--steps", "2",
+    code = main(["train-lora", "--data", str(folder), "--out", str(out), "--model", str(tiny_pipeline_dir), "--steps", "2",
                  "--rank", "2", "--no-progress", "--sample-every", "2", "--sample-prompt", "a purple circle",
                  "--sample-steps", "2", "--base-dtype", "float32"])
     assert code == 0
     assert (out / lora_train.PEFT_FILE).is_file() and (out / lora_train.KOHYA_FILE).is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000002_0.png"]
     image = tmp_path / "generated.png"
-    assert main(["generate", "a purple circle", "--model", str(model_dir), "--steps", "2", "--no-progress",
+    assert main(["generate", "a purple circle", "--model", str(tiny_pipeline_dir), "--steps", "2", "--no-progress",
                  "--lora", str(out / lora_train.KOHYA_FILE), "--lora-scale", "0.5", "--out", str(image)]) == 0
     assert image.is_file()
     assert main(["train-lora", "--data", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 
-def test_training_keeps_a_bf16_base_frozen_and_the_adapter_fp32(model_dir):
+def test_training_keeps_a_bf16_base_frozen_and_the_adapter_fp32(tiny_pipeline_dir):
     """(with pmap; the other training tests use the default mesh)"""
-    sd = StableDiffusion.from_pretrained(model_dir, dtype=jnp.bfloat16)
+    sd = StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.bfloat16)
     before = jax.tree.map(np.asarray, {k: sd.params[k] for k in ("unet", "text_encoder")})
     images, captions, _ = data.make_dataset(2, seed=2, image_size=64)
     config = lora_train.LoRATrainConfig(rank=2, learning_rate=1e-2, steps=2, batch_size=2, parallel="pmap",
@@ -440,6 +433,6 @@ def test_training_keeps_a_bf16_base_frozen_and_the_adapter_fp32(model_dir):
         assert a.dtype == jnp.bfloat16 and np.array_equal(a, b)
 
 
-def test_training_is_data_parallel_over_devices(model_dir):
+def test_training_is_data_parallel_over_devices(tiny_pipeline_dir):
     """2 simulated CPU devices (a subprocess: the device count is fixed when jax starts)."""
-    reference.run_on_simulated_devices("multidevice_lora_train.py", model_dir, devices=2, marker="MULTIDEVICE LORA OK")
+    reference.run_on_simulated_devices("multidevice_lora_train.py", tiny_pipeline_dir, devices=2, marker="MULTIDEVICE LORA OK")

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import reference
-from reference import nchw, rel_err
+from reference import decode_unit, nchw, rel_err
 from sdjax.pipeline import StableDiffusion
 
 DIFFUSERS_CLASSES = {
@@ -22,30 +21,17 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_pipeline")
-    reference.save_pipeline(path)
-    return path
+def sd(tiny_pipeline_dir):
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
-def sd(model_dir):
-    return StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def torch_pipe(model_dir):
+def torch_pipe(tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def decode(sd, latents):
-    """Our latents decoded in fp32 and mapped to [0, 1] the way diffusers' output_type='np' does."""
-    images = sd.vae.apply({"params": sd.params["vae"]}, latents / sd.config.vae.scaling_factor, method="decode")
-    return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
 
 
 @pytest.mark.parametrize("scheduler", list(DIFFUSERS_CLASSES))
@@ -68,7 +54,7 @@ def test_text_to_image_matches_diffusers(sd, torch_pipe, scheduler):
             latents = sd.text_to_image(
                 PROMPTS, negative, steps=STEPS, guidance_scale=guidance, scheduler=scheduler, latents=noise, output="latent"
             )
-            err = rel_err(decode(sd, latents), expected)
+            err = rel_err(decode_unit(sd, latents), expected)
             print(f"{scheduler} negative={negative is not None} guidance={guidance}: rel err {err:.2e}")
             assert err < 1e-3
 
@@ -106,13 +92,13 @@ def test_image_depends_only_on_its_seed_and_index(sd):
 
 def test_new_prompts_seeds_and_guidance_do_not_recompile(sd):
     sd.text_to_image("a cat", num_images_per_prompt=2, steps=3, seed=1, guidance_scale=5.0, scheduler="dpmpp_2m")
-    count = sd._executor.compile_count()
+    count = sd.executor.compile_count()
     sd.text_to_image(
         ["a dog on a hill", "a boat"], ["bad", "worse"], steps=3, seed=7, guidance_scale=[2.0, 9.0], scheduler="dpmpp_2m"
     )
-    assert sd._executor.compile_count() == count
+    assert sd.executor.compile_count() == count
     sd.text_to_image("a cat", num_images_per_prompt=2, steps=4, scheduler="dpmpp_2m")
-    assert sd._executor.compile_count() == count + 1  # the step count is a shape: it does recompile
+    assert sd.executor.compile_count() == count + 1  # the step count is a shape: it does recompile
 
 
 def test_long_prompt_is_truncated_with_a_warning(sd):

@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from reference import rel_err
 from sdjax.sampling import classifier_free_guidance, denoise_step, sample
-from sdjax.schedulers import SCHEDULERS, init_state, make_schedule
+from sdjax.samplers import SCHEDULERS, init_state, make_schedule
 from test_schedulers import SD_CONFIG, draws, stand_in_jax, stand_in_torch, to_numpy, to_torch
 
 
@@ -134,6 +134,6 @@ def test_callback_and_start_step():
     x = jnp.asarray(draws(0)[0])
     run(x, 1).block_until_ready()
     jax.effects_barrier()
-    assert sorted(int(i) for i in seen) == [2, 3, 4, 5, 6]  # evaluations from start_step * order
+    assert sorted(int(i) for i in seen) == [2, 3, 4, 5, 6]  # evaluations from start_step * evals_per_step
     np.testing.assert_array_equal(run(x, 4), x)  # strength 0: nothing to denoise
     assert run._cache_size() == 1

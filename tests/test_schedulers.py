@@ -5,6 +5,8 @@ smooth non-linear function of (x, t), written once for numpy/torch and jax); sto
 get the same per-step noise injected on both sides.
 """
 
+import dataclasses
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -14,9 +16,9 @@ import torch
 from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
 from reference import rel_err
-from sdjax import sampling, schedulers
+from sdjax import sampling, samplers
 from sdjax.config import SchedulerConfig
-from sdjax.schedulers import SCHEDULERS, add_noise, make_schedule
+from sdjax.samplers import SCHEDULERS, add_noise, make_schedule
 
 SHAPE = (2, 8, 8, 4)  # NHWC
 TOL = 1e-5
@@ -47,7 +49,7 @@ def to_numpy(t):
 
 
 def diffusers_scheduler(name, config, **options):
-    class_name, extra = schedulers.DIFFUSERS_SCHEDULERS[name]
+    class_name, extra = samplers.DIFFUSERS_SCHEDULERS[name]
     options = {k: v for k, v in options.items() if k != "eta"}
     return getattr(diffusers, class_name).from_config({**config.to_diffusers_config(), **extra, **options})
 
@@ -215,7 +217,7 @@ def run_image_to_image(x0, noise, step_noise, start_step, schedule):
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_image_to_image_matches_diffusers(name, monkeypatch):
     """add_noise + sample(start_step=k) against diffusers' img2img convention: timesteps sliced at
-    k * order, set_begin_index, add_noise at the first kept timestep."""
+    k * evals_per_step, set_begin_index, add_noise at the first kept timestep."""
     noise, step_noise = draws(1)
     x0 = 0.5 * draws(2)[0]
     schedule = make_schedule(name, SD_CONFIG, 10)
@@ -262,6 +264,16 @@ def test_options_default_from_name():
     assert make_schedule("heun", SD_CONFIG, 10).num_evals == 19
 
 
+def test_schedule_carries_its_sampler():
+    schedule = make_schedule("dpmpp_2m_sde", SD_CONFIG, 5, solver_type="heun")
+    assert (schedule.tables.sde, schedule.tables.solver_type.value, schedule.tables.solver_order) == (True, "heun", 2)
+    assert make_schedule("heun", SD_CONFIG, 3).evals_per_step == 2
+    # Stepping looks nothing up by name: a renamed schedule samples exactly as the original.
+    noise, step_noise = draws(0)
+    renamed = dataclasses.replace(schedule, name="not a sampler")
+    np.testing.assert_array_equal(run_sdjax(noise, step_noise, renamed), run_sdjax(noise, step_noise, schedule))
+
+
 def test_scheduler_config_from_diffusers_file(tmp_path):
     """A model's scheduler/scheduler_config.json brings its noise schedule; the sampler is picked on top."""
     diffusers.DDIMScheduler(
@@ -272,7 +284,7 @@ def test_scheduler_config_from_diffusers_file(tmp_path):
     reference = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path)
     reference.set_timesteps(10)
     schedule = make_schedule("euler", config, 10)
-    np.testing.assert_allclose(np.asarray(schedule.tables["sigmas"]), reference.sigmas.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(schedule.tables.sigmas), reference.sigmas.numpy(), rtol=1e-6)
     assert schedule.prediction_type == "v_prediction"
 
 

@@ -20,6 +20,7 @@ import reference
 from sdjax import config as configs
 from sdjax import single_file as sf
 from sdjax import weights
+from sdjax.layouts import files, ldm
 
 # Tiny models that keep the invariants real SD files have (32 GroupNorm groups, 64-wide text heads,
 # 8 U-Net heads for SD 1.x and 64-wide U-Net heads for SD 2.x), so their config is inferable.
@@ -88,8 +89,8 @@ def _folder_states(folder):
 
 
 def _write_ldm(path, folder, transform=lambda state: state):
-    state = sf.diffusers_to_ldm(_folder_states(folder), weights.read_model_config(folder))
-    weights.write_safetensors(path, transform(state))
+    state = ldm.diffusers_to_ldm(_folder_states(folder), weights.read_model_config(folder))
+    files.write_safetensors(path, transform(state))
     return path
 
 
@@ -214,7 +215,7 @@ def test_ema_weights_are_used_when_asked(models, loaded, tmp_path):
     config = weights.read_model_config(folder)
     ema_folder = tmp_path / "ema_unet"
     reference.save_unet(ema_folder, seed=7, **{**SD1_UNET, "sample_size": 8})
-    ema_unet = sf.diffusers_to_ldm({**_folder_states(folder), "unet": weights.read_component(ema_folder)}, config)
+    ema_unet = ldm.diffusers_to_ldm({**_folder_states(folder), "unet": weights.read_component(ema_folder)}, config)
 
     def add_ema(state):
         # LDM's LitEma names: "model_ema." + the module path below LatentDiffusion.model, dots removed.
@@ -306,7 +307,7 @@ def test_saved_sd2_layout_is_openclip_with_an_identity_last_layer(models, loaded
     config = sf.infer_model_config(exported)
     assert config.text_encoder.num_hidden_layers == 23
     _assert_trees_equal(
-        weights.params_from_state_dicts(config, sf.ldm_to_diffusers(exported, config), jnp.float32),
+        weights.params_from_state_dicts(config, ldm.ldm_to_diffusers(exported, config), jnp.float32),
         loaded("sd2-v", "folder")[1],
     )
     # A VAE attention 1x1 conv, as in the original files.
@@ -331,9 +332,9 @@ def test_declared_prediction_type_survives_a_round_trip(models, loaded, tmp_path
 def test_module_tables_are_one_to_one():
     for preset in configs.PRESETS.values():
         for table in (
-            sf.unet_module_table(preset.unet),
-            sf.vae_module_table(preset.vae),
-            sf.open_clip_module_table(preset.text_encoder),
+            ldm.unet_module_table(preset.unet),
+            ldm.vae_module_table(preset.vae),
+            ldm.open_clip_module_table(preset.text_encoder),
         ):
             assert len(set(table.values())) == len(table)
 
@@ -361,7 +362,7 @@ def test_sdxl_file_is_refused_naming_the_family(models, tmp_path):
     sdxl["conditioner.embedders.1.model.positional_embedding"] = np.zeros((77, 64), np.float32)
     sdxl["model.diffusion_model.label_emb.0.0.weight"] = np.zeros((64, 16), np.float32)
     file = tmp_path / "sdxl.safetensors"
-    weights.write_safetensors(file, sdxl)
+    files.write_safetensors(file, sdxl)
     with pytest.raises(ValueError, match="SDXL.*SD 1.x, SD 2.x"):
         sf.load_single_file(file)
     # A U-Net with class/size embeddings alone is refused too, even with a config given.
@@ -375,14 +376,14 @@ def test_incomplete_or_extra_tensors_are_named(models):
     config = sf.infer_model_config(state)
     extra = {**state, "model.diffusion_model.input_blocks.1.1.transformer_blocks.1.attn1.to_q.weight": np.zeros(1)}
     with pytest.raises(ValueError, match=r"1 tensor\(s\).*transformer_blocks\.1\.attn1\.to_q"):
-        sf.ldm_to_diffusers(extra, config)
+        ldm.ldm_to_diffusers(extra, config)
     no_vae = {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}
     with pytest.raises(ValueError, match=r"no VAE \(first_stage_model"):
         sf.infer_model_config(no_vae)
     with pytest.raises(ValueError, match="input channels is not supported"):
         sf.infer_model_config({**state, "model.diffusion_model.input_blocks.0.0.weight": np.zeros((32, 8, 3, 3))})
     ignored = {**state, "alphas_cumprod": np.ones(1000, np.float32), "depth_model.model.scratch.x": np.zeros(2)}
-    assert sf.ldm_to_diffusers(ignored, config).keys() == sf.ldm_to_diffusers(state, config).keys()
+    assert ldm.ldm_to_diffusers(ignored, config).keys() == ldm.ldm_to_diffusers(state, config).keys()
 
 
 def test_pickle_with_code_is_refused_and_never_run(tmp_path):
@@ -455,15 +456,15 @@ def test_full_size_architecture_is_inferred_exactly(preset_name, tmp_path):
             del module
             gc.collect()
     file = tmp_path / f"{preset_name}.safetensors"
-    ldm = sf.diffusers_to_ldm(states, preset)
+    ldm_state = ldm.diffusers_to_ldm(states, preset)
     # The key counts of the released checkpoints: U-Net 686, VAE 248, text encoder 196 (CLIP ViT-L) or
     # 292 (OpenCLIP ViT-H, 24 layers, leaving out text_projection and logit_scale).
-    counts = {p: sum(k.startswith(p) for k in ldm) for p in ("model.diffusion_model.", "first_stage_model.")}
+    counts = {p: sum(k.startswith(p) for k in ldm_state) for p in ("model.diffusion_model.", "first_stage_model.")}
     assert counts == {"model.diffusion_model.": 686, "first_stage_model.": 248}
-    text_keys = sum(k.startswith("cond_stage_model.") for k in ldm)
+    text_keys = sum(k.startswith("cond_stage_model.") for k in ldm_state)
     assert text_keys == (196 if preset_name == "sd15" else 292)
-    weights.write_safetensors(file, ldm)
-    del ldm
+    files.write_safetensors(file, ldm_state)
+    del ldm_state
     gc.collect()
     assert sf.infer_model_config(sf.read_single_file(file)) == preset
     expected = weights.params_from_state_dicts(preset, states, jnp.float16)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import reference
-from reference import nchw, rel_err
+from reference import decode_unit, nchw, rel_err
 from sdjax.pipeline import StableDiffusion
-from sdjax.schedulers import DIFFUSERS_SCHEDULERS
+from sdjax.samplers import DIFFUSERS_SCHEDULERS
 
 SD2_STYLE = dict(
     unet=dict(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4)),
@@ -58,11 +58,6 @@ def sd2_from_file(folder, file):
     return _LOADED[file]
 
 
-def decode(sd, latents):
-    images = sd.vae.apply({"params": sd.params["vae"]}, latents / sd.config.vae.scaling_factor, method="decode")
-    return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
-
-
 def diffusers_images(torch_pipe, scheduler, noise, steps=6):
     import diffusers
 
@@ -97,7 +92,7 @@ def test_sd2_v_prediction_matches_diffusers_from_single_file(sd2, scheduler):
     latents = sd.text_to_image(
         PROMPTS, ["blurry", ""], steps=6, guidance_scale=6.0, scheduler=scheduler, latents=noise, output="latent"
     )
-    err = rel_err(decode(sd, latents), expected)
+    err = rel_err(decode_unit(sd, latents), expected)
     print(f"sd2 v-prediction {scheduler}: rel err {err:.2e}")
     assert err < 1e-3
 
@@ -110,7 +105,7 @@ def test_sd1_single_file_matches_diffusers(sd1):
     latents = sd.text_to_image(
         PROMPTS, ["blurry", ""], steps=6, guidance_scale=6.0, scheduler="dpmpp_2m", latents=noise, output="latent"
     )
-    assert rel_err(decode(sd, latents), expected) < 1e-3
+    assert rel_err(decode_unit(sd, latents), expected) < 1e-3
 
 
 def test_prediction_type_can_be_overridden(sd2):

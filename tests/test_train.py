@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import reference
-from sdjax import data, train
+from sdjax import data, parallel, train
 from sdjax.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
-from sdjax.schedulers import training_alphas_cumprod
+from sdjax.schedules import training_alphas_cumprod
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -105,6 +105,34 @@ def test_bad_parallel_mode_and_missing_checkpoint(tmp_path):
         train.restore_checkpoint(tmp_path / "nothing", None)
     with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
         train.diffusion_target(None, None, None, "x0")
+
+
+def test_train_step_carries_its_data_parallel_setup():
+    optimizer = train.adamw(1e-3)
+    step = train.make_train_step(lambda *a: None, optimizer, devices=jax.devices()[:1])
+    assert step.parallel == parallel.DataParallel(jax.devices()[:1], "mesh")
+    pmap = parallel.DataParallel(mode="pmap")
+    assert train.make_train_step(lambda *a: None, optimizer, parallel=pmap).parallel is pmap
+    with pytest.raises(ValueError, match="not both"):
+        train.make_train_step(lambda *a: None, optimizer, parallel=pmap, devices=jax.devices())
+
+
+def test_pmap_step_is_the_mesh_step_with_the_device_index_folded_into_the_key():
+    params, frozen, batch, loss_fn = denoiser_setup(batch_size=4)
+    optimizer = train.adamw(1e-3, warmup_steps=1)
+    devices = jax.devices()[:1]
+    key = jax.random.PRNGKey(5)
+    mesh_step = train.make_train_step(loss_fn, optimizer, devices=devices)
+    meshed, mesh_metrics = mesh_step(train.init_state(params, optimizer), frozen, batch, jax.random.fold_in(key, 0))
+    pmap_step = train.make_train_step(loss_fn, optimizer, parallel="pmap", devices=devices)
+    pmap = pmap_step.parallel
+    pmapped, pmap_metrics = pmap_step(pmap.place_params(train.init_state(params, optimizer)),
+                                      pmap.place_params(frozen), pmap.place_batch(batch), key)
+    pmapped = pmap.unreplicate(pmapped)
+    assert int(pmapped.step) == 1 and pmap_metrics["loss"].shape == (1,)
+    np.testing.assert_allclose(pmap_metrics["loss"][0], mesh_metrics["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(meshed.params), jax.tree.leaves(pmapped.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
 def test_mismatched_captions_only_below_the_timestep_bound():

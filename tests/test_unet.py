@@ -12,7 +12,7 @@ from reference import nchw, nhwc, rel_err, save_unet
 from safetensors.numpy import load_file
 
 from sdjax.config import UNetConfig
-from sdjax.convert import flax_to_torch, torch_to_flax
+from sdjax.layouts.diffusers import flax_to_torch, torch_to_flax
 from sdjax.models.unet import UNet2DConditionModel
 
 SD2_STYLE = dict(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4))

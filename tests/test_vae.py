@@ -11,7 +11,7 @@ from reference import nchw, nhwc, rel_err, save_vae
 from safetensors.numpy import load_file
 
 from sdjax.config import VAEConfig
-from sdjax.convert import flax_to_torch, torch_to_flax
+from sdjax.layouts.diffusers import flax_to_torch, torch_to_flax
 from sdjax.models.vae import AutoencoderKL
 
 VARIANT = dict(  # no mid-block attention, no (post_)quant_conv, 3 levels, 2 resnets per level

@@ -10,6 +10,7 @@ import torch
 
 import reference
 from sdjax import weights
+from sdjax.layouts import files
 from sdjax.pipeline import StableDiffusion
 
 
@@ -60,20 +61,20 @@ def test_bf16_loading_casts_parameters(tiny_dir):
 
 
 def test_fp16_variant_and_sharded_files(tiny_copy):
-    state = weights.read_safetensors(tiny_copy / "unet" / "diffusion_pytorch_model.safetensors")
+    state = files.read_safetensors(tiny_copy / "unet" / "diffusion_pytorch_model.safetensors")
     (tiny_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     keys = sorted(state)
     half = len(keys) // 2
     shards = {"part-00001-of-00002.safetensors": keys[:half], "part-00002-of-00002.safetensors": keys[half:]}
     weight_map = {}
     for name, shard_keys in shards.items():
-        weights.write_safetensors(tiny_copy / "unet" / name, {k: state[k] for k in shard_keys})
+        files.write_safetensors(tiny_copy / "unet" / name, {k: state[k] for k in shard_keys})
         weight_map.update({k: name for k in shard_keys})
     (tiny_copy / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
-    vae_state = weights.read_safetensors(tiny_copy / "vae" / "diffusion_pytorch_model.safetensors")
-    weights.write_safetensors(
+    vae_state = files.read_safetensors(tiny_copy / "vae" / "diffusion_pytorch_model.safetensors")
+    files.write_safetensors(
         tiny_copy / "vae" / "diffusion_pytorch_model.fp16.safetensors",
         {k: v.astype(np.float16) for k, v in vae_state.items()},
     )
@@ -89,7 +90,7 @@ def test_fp16_variant_and_sharded_files(tiny_copy):
 
 def test_bin_files_load_only_through_weights_only_torch_load(tiny_copy):
     file = tiny_copy / "vae" / "diffusion_pytorch_model.safetensors"
-    state = weights.read_safetensors(file)
+    state = files.read_safetensors(file)
     file.unlink()
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tiny_copy / "vae" / "diffusion_pytorch_model.bin")
     loaded = weights.read_component(tiny_copy / "vae")
@@ -126,10 +127,10 @@ def test_corrupt_header_is_reported(tiny_copy):
 
 def test_extra_and_missing_keys_are_listed(tiny_copy):
     file = tiny_copy / "unet" / "diffusion_pytorch_model.safetensors"
-    state = dict(weights.read_safetensors(file))
+    state = dict(files.read_safetensors(file))
     del state["conv_in.bias"]
     state["conv_in.extra_thing"] = np.zeros(3, np.float32)
-    weights.write_safetensors(file, state)
+    files.write_safetensors(file, state)
     with pytest.raises(weights.WeightsMismatchError) as info:
         StableDiffusion.from_pretrained(tiny_copy)
     message = str(info.value)
@@ -139,9 +140,9 @@ def test_extra_and_missing_keys_are_listed(tiny_copy):
 
 def test_wrong_shape_is_listed(tiny_copy):
     file = tiny_copy / "vae" / "diffusion_pytorch_model.safetensors"
-    state = dict(weights.read_safetensors(file))
+    state = dict(files.read_safetensors(file))
     state["quant_conv.bias"] = np.zeros(5, np.float32)
-    weights.write_safetensors(file, state)
+    files.write_safetensors(file, state)
     with pytest.raises(weights.WeightsMismatchError, match=r"quant_conv.bias: checkpoint \(5,\) vs model \(8,\)"):
         StableDiffusion.from_pretrained(tiny_copy)
 
@@ -159,10 +160,10 @@ def test_safetensors_writer_round_trips_bf16(tmp_path):
     import ml_dtypes
 
     tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16), "b": np.ones(2, np.int64)}
-    weights.write_safetensors(tmp_path / "x.safetensors", tensors)
+    files.write_safetensors(tmp_path / "x.safetensors", tensors)
     from safetensors.torch import load_file
 
     loaded = load_file(tmp_path / "x.safetensors")
     assert loaded["a"].dtype == torch.bfloat16 and loaded["a"].float().tolist() == [[0, 1, 2], [3, 4, 5]]
-    back = weights.read_safetensors(tmp_path / "x.safetensors")
+    back = files.read_safetensors(tmp_path / "x.safetensors")
     np.testing.assert_array_equal(back["a"], tensors["a"])

@@ -9,7 +9,7 @@ tree mirrors the transformers state-dict keys without the ``text_model.`` prefix
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +17,12 @@ import numpy as np
 from flax import linen as nn
 
 from sdjax.config import CLIPTextConfig
-from sdjax.convert import flax_to_torch, torch_to_flax
 from sdjax.models.layers import attention
 
 Dtype = Any
 
 # transformers' checkpoints from before PR #24773 set eos_token_id=2 and pool at the largest token id.
 _LEGACY_EOS_TOKEN_ID = 2
-_CHECKPOINT_PREFIX = "text_model."
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -210,39 +208,3 @@ class CLIPTextModel(nn.Module):
                 f"skip_layers={skip_layers!r} is out of range: it must be an int in [0, {layers - 1}] "
                 f"for a text encoder with {layers} layers"
             )
-
-
-def _param_shapes(config: CLIPTextConfig) -> dict:
-    model = CLIPTextModel(config)
-    ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
-
-
-def text_encoder_params_from_state_dict(
-    state_dict: Mapping[str, Any], config: CLIPTextConfig, dtype: Dtype = None
-) -> dict:
-    """A transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) -> Flax params.
-
-    The non-persistent ``embeddings.position_ids`` buffer, which older checkpoints contain, is ignored.
-    """
-    stripped: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        name = key[len(_CHECKPOINT_PREFIX):] if key.startswith(_CHECKPOINT_PREFIX) else key
-        if name in stripped:
-            raise ValueError(
-                f"text encoder state dict holds {name!r} both with and without the "
-                f"{_CHECKPOINT_PREFIX!r} prefix; give one or the other"
-            )
-        stripped[name] = value
-    return torch_to_flax(
-        stripped,
-        _param_shapes(config),
-        what="text encoder checkpoint",
-        ignore=[r"embeddings\.position_ids"],
-        dtype=dtype,
-    )
-
-
-def text_encoder_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax params -> transformers state dict with ``text_model.`` keys (loads in transformers 4 and 5)."""
-    return {_CHECKPOINT_PREFIX + key: value for key, value in flax_to_torch(params).items()}

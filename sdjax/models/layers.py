@@ -1,7 +1,7 @@
 """Building blocks shared by the U-Net, the VAE and the CLIP text encoder (flax.linen, NHWC).
 
 Submodule names follow the diffusers state-dict keys (``to_out.0`` -> ``to_out_0``), so the
-checkpoint conversion in ``sdjax.convert`` is mechanical.
+checkpoint conversion in ``sdjax.layouts.diffusers`` is mechanical.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""PyTorch state dicts <-> Flax parameter trees, by the naming convention of sdjax's modules.
+"""The diffusers / transformers state-dict layout <-> Flax parameter trees, by sdjax's naming convention.
 
 sdjax names every Flax submodule after the diffusers / transformers state-dict key, with list
 indices joined by an underscore: ``down_blocks.0.attentions.1.proj_in.weight`` lives at
 ``down_blocks_0/attentions_1/proj_in/kernel``. Conversion is therefore a mechanical renaming plus
-layout transposes, checked against the module's own parameter shapes (from ``jax.eval_shape``):
+layout transposes, checked against the module's own parameter shapes (``sdjax.weights.param_shapes``):
 every checkpoint tensor must be used exactly once and every parameter filled.
+
+transformers' ``CLIPTextModel`` keys carry a ``text_model.`` prefix (transformers 4) or not
+(transformers 5); the Flax text encoder's tree has none.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from flax import traverse_util
 # Flax names that end in "_<digit>" in the checkpoint itself, so they are not list indices.
 _NATIVE_SUFFIXED_NAMES = frozenset({"linear_1", "linear_2"})
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
+
+TEXT_MODEL_PREFIX = "text_model."
+# Non-persistent buffers that older transformers checkpoints of the text encoder contain.
+TEXT_ENCODER_BUFFERS = (r"embeddings\.position_ids",)
 
 
 class WeightsMismatchError(ValueError):
@@ -37,6 +44,7 @@ def module_path(key: str) -> tuple[str, ...]:
 
 
 def torch_key(flax_path: tuple[str, ...], torch_leaf: str) -> str:
+    """Inverse of ``module_path``: ("a_0", "b"), "weight" -> ``a.0.b.weight``."""
     parts: list[str] = []
     for name in flax_path:
         match = _INDEXED.match(name)
@@ -136,3 +144,17 @@ def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         key = torch_key(path[:-1], _torch_leaf_name(path[-1]))
         out[key] = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(value)))
     return out
+
+
+def strip_text_model_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers ``CLIPTextModel`` state dict with its keys as the Flax text encoder names them."""
+    stripped: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key[len(TEXT_MODEL_PREFIX):] if key.startswith(TEXT_MODEL_PREFIX) else key
+        if name in stripped:
+            raise ValueError(
+                f"text encoder state dict holds {name!r} both with and without the "
+                f"{TEXT_MODEL_PREFIX!r} prefix; give one or the other"
+            )
+        stripped[name] = value
+    return stripped

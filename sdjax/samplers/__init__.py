@@ -1,0 +1,148 @@
+"""Functional diffusion samplers: a ``Schedule`` value per sampler and step count.
+
+A sampler is chosen by name on top of the model's training noise schedule (``SchedulerConfig``),
+like diffusers' ``Scheduler.from_config``. ``make_schedule`` computes everything that depends only
+on the step count on the host with numpy (timesteps, sigmas, LMS coefficients; ``sdjax.schedules``),
+reproducing the float32 / float64 arithmetic of the diffusers scheduler of the same name so
+trajectories match it step for step. What depends on the sample runs under jit in float32 inside
+one ``lax.scan`` (``sdjax.sampling.sample``), through the step function the schedule carries.
+
+Families: ``vp`` (DDIM, DDPM, PNDM), ``k`` (LMS, Euler, Euler ancestral, Heun), ``multistep``
+(DPM-Solver++, UniPC).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.config import SchedulerConfig
+from sdjax.samplers import k, multistep, vp
+from sdjax.samplers.schedule import (
+    Parameterization,
+    Sampler,
+    Schedule,
+    add_noise,
+    first_eval,
+    init_state,
+    model_input,
+    noise_to_eval,
+    parameterization,
+    per_sample,
+    step,
+)
+
+__all__ = [
+    "DIFFUSERS_SCHEDULERS",
+    "SCHEDULERS",
+    "Parameterization",
+    "Schedule",
+    "add_noise",
+    "first_eval",
+    "init_state",
+    "make_schedule",
+    "model_input",
+    "noise_to_eval",
+    "parameterization",
+    "per_sample",
+    "step",
+]
+
+_SAMPLERS = {
+    "ddim": vp.DDIM,
+    "ddpm": vp.DDPM,
+    "pndm": vp.PNDM,
+    "lms": k.LMS,
+    "euler": k.EULER,
+    "euler_a": k.EULER_ANCESTRAL,
+    "heun": k.HEUN,
+    "dpmpp_2m": multistep.DPMPP_2M,
+    "dpmpp_2m_karras": multistep.DPMPP_2M_KARRAS,
+    "dpmpp_2m_sde": multistep.DPMPP_2M_SDE,
+    "unipc": multistep.UNIPC,
+}
+
+SCHEDULERS = tuple(_SAMPLERS)
+
+# The diffusers scheduler each name matches, with the config entries it sets on top of the model's
+# scheduler config (for tests and for users moving between the two libraries).
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+_OPTION_CHOICES = {"solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun")}
+
+
+def _check_options(name: str, sampler: Sampler, options: dict, config: SchedulerConfig) -> dict:
+    unknown = sorted(set(options) - set(sampler.options))
+    if unknown:
+        raise ValueError(
+            f"scheduler {name!r} does not take option(s) {unknown}; it accepts {sorted(sampler.options)}"
+        )
+    merged = {**sampler.options, **options}
+    if merged.get("skip_prk_steps", False) is None:
+        merged["skip_prk_steps"] = config.skip_prk_steps
+    for key, choices in _OPTION_CHOICES.items():
+        if key in merged and merged[key] not in choices:
+            raise ValueError(
+                f"scheduler {name!r}: {key}={merged[key]!r} is not supported; choose from {list(choices)}"
+            )
+    if "eta" in merged and not merged["eta"] >= 0:
+        raise ValueError(f"scheduler {name!r}: eta must be >= 0, got {merged['eta']!r}")
+    if "disable_corrector" in merged:
+        merged["disable_corrector"] = tuple(int(k) for k in merged["disable_corrector"])
+    return merged
+
+
+def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options) -> Schedule:
+    """Build the schedule of sampler ``name`` for ``num_steps`` steps of the model's noise schedule.
+
+    Raises ValueError for an unknown name (listing ``SCHEDULERS``), a step count outside
+    1..num_train_timesteps, or an option the sampler does not take.
+
+    Options (each only where the diffusers scheduler has it): ``eta`` (ddim), ``use_karras_sigmas``
+    (lms, euler, heun, dpmpp_*, unipc), ``solver_order`` (dpmpp_*, unipc: 1-3),
+    ``lower_order_final`` and ``solver_type`` ("midpoint" | "heun") (dpmpp_*),
+    ``disable_corrector`` (unipc: step indices), ``skip_prk_steps`` (pndm; default from config).
+    """
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid names: {list(SCHEDULERS)}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not 1 <= num_steps <= config.num_train_timesteps:
+        raise ValueError(
+            f"num_steps must be between 1 and num_train_timesteps={config.num_train_timesteps}, got {num_steps}"
+        )
+    num_steps = int(num_steps)
+    param = parameterization(config.prediction_type)
+    sampler = _SAMPLERS[name]
+    opts = _check_options(name, sampler, options, config)
+    arrays = sampler.build(config, num_steps, opts)
+    return Schedule(
+        name=name,
+        prediction_type=config.prediction_type,
+        num_steps=num_steps,
+        evals_per_step=sampler.evals_per_step,
+        init_noise_sigma=float(arrays.init_noise_sigma),
+        stochastic=bool(sampler.stochastic(opts)),
+        options=tuple(sorted(opts.items())),
+        step_fn=sampler.step,
+        init_fn=sampler.init,
+        param=param,
+        timesteps=jnp.asarray(np.asarray(arrays.timesteps, np.float64).astype(np.float32)),
+        input_divisor=None if arrays.input_divisor is None else jnp.asarray(arrays.input_divisor),
+        signal_scale=jnp.asarray(arrays.signal_scale),
+        noise_scale=jnp.asarray(arrays.noise_scale),
+        tables=jax.tree.map(jnp.asarray, arrays.tables),
+    )

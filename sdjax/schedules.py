@@ -1,0 +1,193 @@
+"""Noise schedules and sigma grids, computed on the host with numpy.
+
+Pure functions of the model's training schedule (``SchedulerConfig``) and a step count. They
+reproduce the float32 / float64 arithmetic of diffusers' torch tables, so the samplers built on
+them (``sdjax.samplers``) follow diffusers' trajectories step for step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sdjax.config import SchedulerConfig
+
+_F32 = np.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Training noise schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _linspace_f32(start: float, end: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, end, num, dtype=float32)``: fp32 step, each half anchored at its end."""
+    start32, end32 = _F32(start), _F32(end)
+    if num == 1:
+        return np.array([start32], _F32)
+    step = _F32((end32 - start32) / _F32(num - 1))
+    idx = np.arange(num)
+    from_start = np.float64(start32) + np.float64(step) * idx
+    from_end = np.float64(end32) - np.float64(step) * (num - 1 - idx)
+    return np.where(idx < num // 2, from_start, from_end).astype(_F32)
+
+
+def _cumprod_f32(values: np.ndarray) -> np.ndarray:
+    """``torch.cumprod`` of a float32 CPU tensor, which accumulates in float64."""
+    return np.cumprod(values.astype(np.float64)).astype(_F32)
+
+
+def _squaredcos_cap_v2_betas(num: int, max_beta: float = 0.999) -> np.ndarray:
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num) / alpha_bar(i / num), max_beta) for i in range(num)]
+    return np.array(betas, np.float64).astype(_F32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (arXiv:2305.08891, Alg. 1)."""
+    root = np.sqrt(_cumprod_f32(_F32(1.0) - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root * root
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (_F32(1.0) - alphas).astype(_F32)
+
+
+def training_betas(config: SchedulerConfig) -> np.ndarray:
+    """The float32 betas of the model's training schedule."""
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        return np.asarray(config.trained_betas, np.float64).astype(_F32)
+    if config.beta_schedule == "linear":
+        return _linspace_f32(config.beta_start, config.beta_end, n)
+    if config.beta_schedule == "scaled_linear":
+        root = _linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n)
+        return root * root
+    if config.beta_schedule == "squaredcos_cap_v2":
+        return _squaredcos_cap_v2_betas(n)
+    raise ValueError(
+        f"beta_schedule={config.beta_schedule!r} is not supported; "
+        "supported: ['linear', 'scaled_linear', 'squaredcos_cap_v2']"
+    )
+
+
+def training_alphas_cumprod(config: SchedulerConfig, *, zero_snr: bool, terminal_fix: bool) -> np.ndarray:
+    """float32 alpha_bar(t). ``zero_snr`` applies the config's rescale (for samplers that support
+    it); ``terminal_fix`` then sets the last value to 2**-24 as diffusers' sigma-based samplers do,
+    so that sigma stays finite."""
+    betas = training_betas(config)
+    rescale = zero_snr and config.rescale_betas_zero_snr
+    if rescale:
+        betas = _rescale_zero_terminal_snr(betas)
+    alphas_cumprod = _cumprod_f32(_F32(1.0) - betas)
+    if rescale and terminal_fix:
+        alphas_cumprod[-1] = _F32(2.0**-24)
+    return alphas_cumprod
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """k-diffusion sigma(t) = sqrt((1 - alpha_bar) / alpha_bar), in float32."""
+    return np.sqrt((_F32(1.0) - alphas_cumprod) / alphas_cumprod).astype(_F32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling timesteps (the config's timestep_spacing)
+# --------------------------------------------------------------------------------------------
+
+
+def discrete_timesteps(config: SchedulerConfig, n: int, *, round_linspace: bool) -> np.ndarray:
+    """Descending timesteps of DDIM, DDPM and the k-diffusion samplers, as float64 values."""
+    num_train = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        t = np.linspace(0, num_train - 1, n)
+        return (t.round() if round_linspace else t)[::-1].copy()
+    if config.timestep_spacing == "leading":
+        return (np.arange(n) * (num_train // n)).round()[::-1] + config.steps_offset
+    return np.round(np.arange(num_train, 0, -num_train / n)) - 1.0  # trailing
+
+
+def multistep_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """Descending integer timesteps of DPM-Solver and UniPC (n + 1 points, the last dropped)."""
+    num_train = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, num_train - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if config.timestep_spacing == "leading":
+        ratio = num_train // (n + 1)
+        return (np.arange(n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config.steps_offset
+    return np.arange(num_train, 0, -num_train / n).round().astype(np.int64) - 1  # trailing
+
+
+def pndm_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """Ascending integer timesteps of PNDM."""
+    num_train = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, num_train - 1, n).round().astype(np.int64)
+    if config.timestep_spacing == "leading":
+        return (np.arange(n) * (num_train // n)).round().astype(np.int64) + config.steps_offset
+    return np.round(np.arange(num_train, 0, -num_train / n))[::-1].astype(np.int64) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Sigma grids
+# --------------------------------------------------------------------------------------------
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) noise levels: uniform in sigma**(1/rho), float64."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_timestep(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating linearly in log sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma[None, :] - log_sigma_table[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigma_table) - 2)
+    lo, hi = log_sigma_table[low], log_sigma_table[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def interp_sigmas(sigma_table: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """sigma at (fractional) training timesteps, interpolating linearly in t."""
+    return np.interp(timesteps, np.arange(len(sigma_table)), sigma_table)
+
+
+def k_diffusion_sigmas(config: SchedulerConfig, n: int, alphas_cumprod: np.ndarray, use_karras_sigmas: bool):
+    """Timesteps (float32) and sigmas (float32, a final 0 appended) of Euler, Heun and LMS."""
+    sigma_table = sigmas_from_alphas_cumprod(alphas_cumprod)
+    timesteps = discrete_timesteps(config, n, round_linspace=False).astype(_F32)
+    sigmas = interp_sigmas(sigma_table, timesteps)
+    if use_karras_sigmas:
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+        timesteps = sigma_to_timestep(sigmas, np.log(sigma_table)).astype(_F32)
+    return timesteps, np.concatenate([sigmas, [0.0]]).astype(_F32)
+
+
+def k_diffusion_init_sigma(config: SchedulerConfig, sigmas: np.ndarray) -> float:
+    """The scale of the initial noise of the k-diffusion samplers."""
+    sigma_max = sigmas.max()
+    if config.timestep_spacing in ("linspace", "trailing"):
+        return float(sigma_max)
+    return float(np.sqrt(sigma_max * sigma_max + _F32(1.0)))
+
+
+def multistep_sigmas(
+    config: SchedulerConfig, n: int, alphas_cumprod: np.ndarray, use_karras_sigmas: bool, round_karras_timesteps: bool
+):
+    """Timesteps and sigmas (a final 0 appended) of DPM-Solver and UniPC."""
+    sigma_table = sigmas_from_alphas_cumprod(alphas_cumprod)
+    timesteps = multistep_timesteps(config, n)
+    if use_karras_sigmas:
+        sigmas = karras_sigmas(float(sigma_table[0]), float(sigma_table[-1]), n)
+        timesteps = sigma_to_timestep(sigmas, np.log(sigma_table))
+        if round_karras_timesteps:
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)
+    else:
+        sigmas = interp_sigmas(sigma_table, timesteps)
+    return timesteps, np.concatenate([sigmas, [0.0]]).astype(_F32)
