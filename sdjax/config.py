@@ -232,13 +232,16 @@ class SchedulerConfig:
     beta_schedule: str = "scaled_linear"
     trained_betas: Optional[Tuple[float, ...]] = None
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    # None: absent from the model's config file; each sampler then takes its own diffusers class's
+    # default, as diffusers' ``from_config`` does (``samplers.DIFFUSERS_DEFAULTS``). The released SD 1.x/2.x
+    # configs carry no timestep_spacing: PNDM and DDIM use "leading" there, Euler, LMS, DPM-Solver "linspace".
+    timestep_spacing: Optional[str] = None
     steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    clip_sample: bool = False
+    set_alpha_to_one: Optional[bool] = False
+    clip_sample: Optional[bool] = False
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
-    skip_prk_steps: bool = True
+    skip_prk_steps: Optional[bool] = True
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "SchedulerConfig":
@@ -246,12 +249,20 @@ class SchedulerConfig:
         _reject("scheduler", data, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _reject("scheduler", data, "prediction_type", PREDICTION_TYPES)
         _reject("scheduler", data, "timestep_spacing", ("leading", "trailing", "linspace"))
-        return cls(**_known_fields(cls, data))
+        # Keys whose diffusers default differs between scheduler classes stay None when absent (resolved per
+        # sampler); steps_offset defaults to 0 in every diffusers scheduler class.
+        absent = {key: None for key in _PER_SAMPLER_KEYS if key not in data}
+        if "steps_offset" not in data:
+            absent["steps_offset"] = 0
+        return cls(**{**_known_fields(cls, data), **absent})
 
     def to_diffusers_config(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "trained_betas"}
         data["trained_betas"] = list(self.trained_betas) if self.trained_betas else None
         return {"_class_name": "PNDMScheduler", **data}
+
+
+_PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one", "clip_sample", "skip_prk_steps")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,7 @@ NOISE_SCHEDULES = {
     "trailing": SchedulerConfig(timestep_spacing="trailing", steps_offset=0),
     "linspace": SchedulerConfig(timestep_spacing="linspace", steps_offset=0),
     "linear_betas": SchedulerConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
-    "squaredcos_cap_v2": SchedulerConfig(beta_schedule="squaredcos_cap_v2"),
+    "squaredcos_cap_v2": SchedulerConfig(beta_schedule="squaredcos_cap_v2", timestep_spacing="leading"),
 }
 
 
@@ -244,7 +244,7 @@ def test_bad_step_count(steps):
 
 
 def test_bad_options():
-    unknown_option = r"'ddim' does not take option\(s\) \['use_karras_sigmas'\]; it accepts \['eta'\]"
+    unknown_option = r"'ddim' does not take option\(s\) \['use_karras_sigmas'\]; it accepts \['eta', 'timestep_spacing'\]"
     with pytest.raises(ValueError, match=unknown_option):
         make_schedule("ddim", SD_CONFIG, 10, use_karras_sigmas=True)
     with pytest.raises(ValueError, match="solver_order=4 is not supported"):
@@ -298,3 +298,58 @@ def test_scheduler_math_is_fp32_for_low_precision_models():
 
     out = sampling.sample(bf16_model, noise.astype(jnp.bfloat16), None, schedule)
     assert out.dtype == jnp.float32
+
+
+# stable-diffusion-v1-5's scheduler/scheduler_config.json as released: no timestep_spacing, no prediction_type.
+SD15_RELEASED_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@pytest.mark.parametrize("steps", [7, 20])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_released_sd15_config_matches_diffusers_from_config(name, steps, tmp_path, monkeypatch):
+    """Keys absent from the released file take each sampler's own diffusers default, as a diffusers user
+    gets them with ``EulerDiscreteScheduler.from_config(pipe.scheduler.config)``."""
+    import json
+    import sys
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SD15_RELEASED_SCHEDULER_CONFIG))
+    config = SchedulerConfig.from_diffusers_config(tmp_path / "scheduler_config.json")
+    loaded = diffusers.PNDMScheduler.from_pretrained(tmp_path)  # what the pipeline holds
+    class_name, extra = samplers.DIFFUSERS_SCHEDULERS[name]
+
+    def users_scheduler(_name, _config, **options):
+        return getattr(diffusers, class_name).from_config(loaded.config, **extra)
+
+    monkeypatch.setattr(sys.modules[__name__], "diffusers_scheduler", users_scheduler)
+    assert compare(name, config, steps, monkeypatch) < TOL
+
+
+def test_per_sampler_defaults_are_diffusers_class_defaults():
+    import inspect
+
+    for name, defaults in samplers.DIFFUSERS_DEFAULTS.items():
+        cls = getattr(diffusers, samplers.DIFFUSERS_SCHEDULERS[name][0])
+        signature = inspect.signature(cls.__init__).parameters
+        for key, value in defaults.items():
+            assert signature[key].default == value, (name, key)
+
+
+def test_timestep_spacing_override_per_call():
+    config = SchedulerConfig(timestep_spacing="leading")
+    assert float(make_schedule("euler", config, 10).timesteps[0]) == 901.0
+    assert float(make_schedule("euler", config, 10, timestep_spacing="linspace").timesteps[0]) == 999.0
+    assert float(make_schedule("euler", config, 10, timestep_spacing="trailing").timesteps[0]) == 999.0
+    with pytest.raises(ValueError, match="timestep_spacing='uniform' is not supported; choose from"):
+        make_schedule("euler", config, 10, timestep_spacing="uniform")

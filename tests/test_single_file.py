@@ -148,7 +148,11 @@ def test_single_file_params_are_bit_identical_to_the_folder(loaded, variant):
     config, params = loaded(variant, "file")
     folder_config, folder_params = loaded(variant, "folder")
     _assert_trees_equal(params, folder_params)
-    # Everything but the native image size is read from key names and shapes.
+    # Everything but the native image size is read from key names and shapes. The folder, written by diffusers,
+    # states timestep_spacing; a single file has none, so each sampler takes its own default (as diffusers does).
+    assert config.scheduler.timestep_spacing is None
+    config = config.replace(scheduler=dataclasses.replace(config.scheduler, timestep_spacing="leading"))
+    assert folder_config.scheduler.timestep_spacing == "leading"
     assert _native(config, folder_config) == folder_config
 
 

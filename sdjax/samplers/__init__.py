@@ -13,6 +13,8 @@ Families: ``vp`` (DDIM, DDPM, PNDM), ``k`` (LMS, Euler, Euler ancestral, Heun), 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,9 @@ from sdjax.samplers.schedule import (
 )
 
 __all__ = [
+    "DIFFUSERS_DEFAULTS",
     "DIFFUSERS_SCHEDULERS",
+    "TIMESTEP_SPACINGS",
     "SCHEDULERS",
     "Parameterization",
     "Schedule",
@@ -81,18 +85,47 @@ DIFFUSERS_SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-_OPTION_CHOICES = {"solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun")}
+# The defaults of each diffusers scheduler class for the config keys whose default differs between
+# classes: a key absent from the model's scheduler config takes these (diffusers' ``from_config``).
+_LEADING = {"timestep_spacing": "leading"}
+_LINSPACE = {"timestep_spacing": "linspace"}
+DIFFUSERS_DEFAULTS = {
+    "ddim": {**_LEADING, "set_alpha_to_one": True, "clip_sample": True},
+    "ddpm": {**_LEADING, "clip_sample": True},
+    "pndm": {**_LEADING, "set_alpha_to_one": False, "skip_prk_steps": False},
+    "lms": _LINSPACE,
+    "euler": _LINSPACE,
+    "euler_a": _LINSPACE,
+    "heun": {**_LINSPACE, "clip_sample": False},
+    "dpmpp_2m": _LINSPACE,
+    "dpmpp_2m_karras": _LINSPACE,
+    "dpmpp_2m_sde": _LINSPACE,
+    "unipc": _LINSPACE,
+}
+# What the keys a sampler never reads resolve to (any value: unused).
+_UNUSED = {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True}
+
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+_OPTION_CHOICES = {"solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"), "timestep_spacing": TIMESTEP_SPACINGS}
+
+
+def sampler_config(name: str, config: SchedulerConfig, timestep_spacing=None) -> SchedulerConfig:
+    """``config`` with every key the model's file did not set filled with sampler ``name``'s diffusers
+    default, and ``timestep_spacing`` (when given) overriding the file's."""
+    defaults = {**_UNUSED, **DIFFUSERS_DEFAULTS[name]}
+    filled = {key: defaults[key] for key in _UNUSED if getattr(config, key) is None}
+    if timestep_spacing is not None:
+        filled["timestep_spacing"] = timestep_spacing
+    return dataclasses.replace(config, **filled)
 
 
 def _check_options(name: str, sampler: Sampler, options: dict, config: SchedulerConfig) -> dict:
-    unknown = sorted(set(options) - set(sampler.options))
+    accepted = set(sampler.options) | {"timestep_spacing"}
+    unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(
-            f"scheduler {name!r} does not take option(s) {unknown}; it accepts {sorted(sampler.options)}"
-        )
+        raise ValueError(f"scheduler {name!r} does not take option(s) {unknown}; it accepts {sorted(accepted)}")
     merged = {**sampler.options, **options}
-    if merged.get("skip_prk_steps", False) is None:
-        merged["skip_prk_steps"] = config.skip_prk_steps
     for key, choices in _OPTION_CHOICES.items():
         if key in merged and merged[key] not in choices:
             raise ValueError(
@@ -111,7 +144,8 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     Raises ValueError for an unknown name (listing ``SCHEDULERS``), a step count outside
     1..num_train_timesteps, or an option the sampler does not take.
 
-    Options (each only where the diffusers scheduler has it): ``eta`` (ddim), ``use_karras_sigmas``
+    Options (each only where the diffusers scheduler has it): ``timestep_spacing`` ("leading" | "linspace" |
+    "trailing", every sampler; default: the model config's, else the sampler's diffusers default), ``eta`` (ddim), ``use_karras_sigmas``
     (lms, euler, heun, dpmpp_*, unipc), ``solver_order`` (dpmpp_*, unipc: 1-3),
     ``lower_order_final`` and ``solver_type`` ("midpoint" | "heun") (dpmpp_*),
     ``disable_corrector`` (unipc: step indices), ``skip_prk_steps`` (pndm; default from config).
@@ -128,6 +162,9 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     param = parameterization(config.prediction_type)
     sampler = _SAMPLERS[name]
     opts = _check_options(name, sampler, options, config)
+    config = sampler_config(name, config, opts.pop("timestep_spacing", None))
+    if opts.get("skip_prk_steps", False) is None:
+        opts["skip_prk_steps"] = config.skip_prk_steps
     arrays = sampler.build(config, num_steps, opts)
     return Schedule(
         name=name,
