@@ -248,7 +248,7 @@ class SchedulerConfig:
         data = _read_json(config)
         _reject("scheduler", data, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
         _reject("scheduler", data, "prediction_type", PREDICTION_TYPES)
-        _reject("scheduler", data, "timestep_spacing", ("leading", "trailing", "linspace"))
+        _reject("scheduler", data, "timestep_spacing", TIMESTEP_SPACINGS)
         # Keys whose diffusers default differs between scheduler classes stay None when absent (resolved per
         # sampler); steps_offset defaults to 0 in every diffusers scheduler class.
         absent = {key: None for key in _PER_SAMPLER_KEYS if key not in data}
@@ -262,6 +262,7 @@ class SchedulerConfig:
         return {"_class_name": "PNDMScheduler", **data}
 
 
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 _PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one", "clip_sample", "skip_prk_steps")
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.config import SchedulerConfig
+from sdjax.config import TIMESTEP_SPACINGS, SchedulerConfig
 from sdjax.samplers import k, multistep, vp
 from sdjax.samplers.schedule import (
     Parameterization,
@@ -105,8 +105,6 @@ DIFFUSERS_DEFAULTS = {
 # What the keys a sampler never reads resolve to (any value: unused).
 _UNUSED = {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True}
 
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-
 _OPTION_CHOICES = {"solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"), "timestep_spacing": TIMESTEP_SPACINGS}
 
 
@@ -120,7 +118,7 @@ def sampler_config(name: str, config: SchedulerConfig, timestep_spacing=None) ->
     return dataclasses.replace(config, **filled)
 
 
-def _check_options(name: str, sampler: Sampler, options: dict, config: SchedulerConfig) -> dict:
+def _check_options(name: str, sampler: Sampler, options: dict) -> dict:
     accepted = set(sampler.options) | {"timestep_spacing"}
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -161,7 +159,7 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     num_steps = int(num_steps)
     param = parameterization(config.prediction_type)
     sampler = _SAMPLERS[name]
-    opts = _check_options(name, sampler, options, config)
+    opts = _check_options(name, sampler, options)
     config = sampler_config(name, config, opts.pop("timestep_spacing", None))
     if opts.get("skip_prk_steps", False) is None:
         opts["skip_prk_steps"] = config.skip_prk_steps
