@@ -3,10 +3,15 @@
 The layout itself (prefixes, module tables, both directions of conversion) is ``sdjax.layouts.ldm``;
 this module reads a file, infers the model it holds and loads it through ``sdjax.weights``.
 
+Where the configuration comes from, first found wins: ``config=`` (a ``ModelConfig``, preset name,
+diffusers folder or LDM ``.yaml``); the ``sdjax.config`` metadata sdjax writes into every file it saves;
+an LDM ``.yaml`` beside the file with the same stem (as A1111 reads it); the key names and tensor shapes.
+
 Model type inference (``infer_model_config``) reads key names and tensor shapes. Three things cannot be
 read from shapes and follow the original LDM configs: the U-Net's heads (8 per block for SD 1.x, 64-wide
-heads for SD 2.x), the text encoder's heads (64-wide), and 32 groups in every GroupNorm. SD 2.x files with
-4 input channels default to the 768 v-prediction model (``upcast_attention``), as diffusers does; pass
+heads for SD 2.x), the text encoder's heads (64-wide), and 32 groups in every GroupNorm. Loading warns
+when it had to assume these for an architecture that is not a released one. SD 2.x files with 4 input
+channels default to the 768 v-prediction model (``upcast_attention``), as diffusers does; pass
 ``prediction_type="epsilon"`` for the 512 base model, or a full ``config``.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -35,6 +41,16 @@ from sdjax.config import (
     VAEConfig,
 )
 from sdjax.layouts.files import CheckpointError, read_checkpoint_file, safetensors_metadata, write_safetensors
+from sdjax.layouts.ldm_config import (
+    METADATA_KEY,
+    config_from_metadata,
+    config_to_metadata,
+    ldm_yaml_config,
+    ldm_yaml_family,
+    ldm_yaml_in_channels,
+    ldm_yaml_prediction_type,
+    read_ldm_yaml,
+)
 from sdjax.layouts.ldm import (
     CLIP_PREFIX,
     OPEN_CLIP_LAYERS,
@@ -49,6 +65,8 @@ from sdjax.layouts.ldm import (
 )
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+YAML_SUFFIXES = (".yaml", ".yml")
+_FAMILY_NAMES = {"sd1": "SD 1.x (CLIP text encoder)", "sd2": "SD 2.x (OpenCLIP text encoder)"}
 
 # Signature keys of checkpoint families that share the LDM prefixes but are not SD 1.x / 2.x.
 _OTHER_FAMILIES = (
@@ -66,14 +84,25 @@ _OTHER_FAMILIES = (
 # --- reading ------------------------------------------------------------------------------------------------
 
 
+def is_single_file(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is an existing file with a single-file checkpoint suffix (``.safetensors``, ``.ckpt``,
+    ``.pt``, ``.pth``, ``.bin``): what ``load_single_file`` / ``StableDiffusion.from_single_file`` take."""
+    try:
+        path = Path(path).expanduser()
+    except TypeError:
+        return False
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
+
+
 def read_single_file(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
-    """All tensors of a single-file checkpoint; ``.ckpt`` pickles only through ``torch.load(weights_only=True)``."""
+    """All tensors of a single-file checkpoint; ``.ckpt`` pickles through sdjax's restricted unpickler
+    (``sdjax.layouts.safe_pickle``: no torch needed, no code from the file run)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder; use StableDiffusion.from_pretrained for diffusers-layout folders")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix not in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ValueError(
             f"unknown single-file checkpoint type {path.name!r}; accepted: {', '.join(SINGLE_FILE_SUFFIXES)}"
         )
@@ -81,6 +110,14 @@ def read_single_file(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
     if not state:
         raise CheckpointError(f"{path} holds no tensors")
     return state
+
+
+def embedded_config(path: Union[str, os.PathLike]) -> Optional[ModelConfig]:
+    """The ``ModelConfig`` sdjax recorded in a safetensors file it saved (``None`` for other files)."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        return None
+    return config_from_metadata(safetensors_metadata(path), source=str(path))
 
 
 def declared_prediction_type(path: Union[str, os.PathLike]) -> Optional[str]:
@@ -151,7 +188,8 @@ def _heads(channels: int, head_dim: int, what: str) -> int:
     if channels % head_dim:
         raise ValueError(
             f"cannot infer the attention heads of the {what}: {channels} channels is not a multiple of the "
-            f"{head_dim}-wide heads Stable Diffusion uses; pass config= explicitly"
+            f"{head_dim}-wide heads Stable Diffusion uses; pass config= explicitly (a ModelConfig, a diffusers "
+            "folder or the model's LDM .yaml), or put that .yaml beside the file with the same name"
         )
     return channels // head_dim
 
@@ -302,11 +340,85 @@ def infer_model_config(state: Mapping[str, np.ndarray], *, prediction_type: Opti
     return config
 
 
+# --- configuration from a .yaml, and the warning when shapes had to be trusted ---------------------------------
+
+
+def _is_yaml(config) -> bool:
+    return isinstance(config, (str, os.PathLike)) and Path(config).suffix.lower() in YAML_SUFFIXES
+
+
+def yaml_beside(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The LDM config A1111 would read for a checkpoint: ``<stem>.yaml`` (or ``.yml``) in its folder."""
+    path = Path(path).expanduser()
+    return next((p for p in (path.with_suffix(s) for s in YAML_SUFFIXES) if p.is_file()), None)
+
+
+def config_from_ldm_yaml(
+    state: Mapping[str, np.ndarray], yaml_path: Union[str, os.PathLike], *, prediction_type: Optional[str] = None
+) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint described by an original LDM ``.yaml`` (``v1-inference.yaml`` ...).
+
+    The yaml gives the U-Net (heads included), VAE, schedule and prediction type; the text encoder's sizes
+    come from the checkpoint's shapes. ``prediction_type`` overrides the yaml's ``parameterization``.
+    """
+    _check_prediction_type(prediction_type)
+    source = str(Path(yaml_path).expanduser())
+    data = read_ldm_yaml(yaml_path)
+    family, declared = detect_family(state), ldm_yaml_family(data, source)
+    if family != declared:
+        raise ValueError(f"{source} describes an {_FAMILY_NAMES[declared]} model, but the checkpoint holds an "
+                         f"{_FAMILY_NAMES[family]} one")
+    prediction = prediction_type or ldm_yaml_prediction_type(data, source)
+    base = _family_preset(family, ldm_yaml_in_channels(data, source), prediction)
+    scale = state.get("scale_factor")
+    config = ldm_yaml_config(
+        data,
+        base,
+        _infer_text_encoder(state, family, base.text_encoder),
+        scale_factor=None if scale is None else float(np.asarray(scale)),
+        source=source,
+    )
+    return config.replace(scheduler=dataclasses.replace(config.scheduler, prediction_type=prediction))
+
+
+def _is_released_architecture(config: ModelConfig) -> bool:
+    """Whether the shapes are those of a released SD model, whose heads and groups are then known."""
+    for preset in (*PRESETS.values(), _family_preset("sd2", 9, None)):
+        unet = dataclasses.replace(
+            config.unet, sample_size=preset.unet.sample_size, upcast_attention=preset.unet.upcast_attention
+        )
+        vae = dataclasses.replace(
+            config.vae, sample_size=preset.vae.sample_size, scaling_factor=preset.vae.scaling_factor
+        )
+        if unet == preset.unet and vae == preset.vae and config.text_encoder == preset.text_encoder:
+            return True
+    return False
+
+
+def _warn_guessed(path: Path, config: ModelConfig) -> None:
+    heads = config.unet.heads_per_block()
+    text = config.text_encoder
+    warnings.warn(
+        f"{path.name} carries no model config (no {METADATA_KEY} metadata, no {path.stem}.yaml beside it) and "
+        f"its shapes are not those of a released Stable Diffusion model, so these values were guessed from "
+        f"the LDM conventions: U-Net attention heads per block {heads} "
+        f"({'8 per block' if text.hidden_act == 'quick_gelu' else '64-wide heads'}), GroupNorm groups 32 "
+        f"(U-Net and VAE), text encoder heads {text.num_attention_heads} (64-wide). If images look wrong, put "
+        f"the model's original LDM config beside the file as {path.stem}.yaml, or pass config= (a ModelConfig, "
+        f"a preset name, a diffusers folder or a .yaml path).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 # --- loading and saving ---------------------------------------------------------------------------------------
 
 
 def resolve_config(config: Union[ModelConfig, str, os.PathLike]) -> ModelConfig:
-    """A ``ModelConfig``, a preset name (``"sd15"``, ``"sd21-v"`` ...) or a diffusers-layout folder."""
+    """A ``ModelConfig``, a preset name (``"sd15"``, ``"sd21-v"`` ...) or a diffusers-layout folder.
+
+    (An LDM ``.yaml`` needs the checkpoint too: ``load_single_file`` reads it, through ``config_from_ldm_yaml``.)
+    """
     if isinstance(config, ModelConfig):
         return config
     if isinstance(config, str) and config in PRESETS:
@@ -314,9 +426,15 @@ def resolve_config(config: Union[ModelConfig, str, os.PathLike]) -> ModelConfig:
     if isinstance(config, (str, os.PathLike)) and Path(config).expanduser().is_dir():
         return weights.read_model_config(Path(config).expanduser())
     raise ValueError(
-        f"config={config!r} is not understood; give a ModelConfig, a preset name ({', '.join(PRESETS)}) "
-        "or a diffusers-layout model folder"
+        f"config={config!r} is not understood; give a ModelConfig, a preset name ({', '.join(PRESETS)}), "
+        "a diffusers-layout model folder or an LDM .yaml (v1-inference.yaml style)"
     )
+
+
+def _with_prediction(config: ModelConfig, prediction_type: Optional[str]) -> ModelConfig:
+    if prediction_type is None:
+        return config
+    return config.replace(scheduler=dataclasses.replace(config.scheduler, prediction_type=prediction_type))
 
 
 def load_single_file(
@@ -329,24 +447,34 @@ def load_single_file(
 ) -> tuple[ModelConfig, dict]:
     """A single-file checkpoint -> ``(ModelConfig, params)``; params are ``dtype`` (default float32) arrays.
 
-    ``config`` overrides the inferred configuration; ``prediction_type`` overrides the prediction type
-    (otherwise: the file's ModelSpec metadata, then the family default); ``use_ema`` takes the U-Net from
-    the ``model_ema.*`` copy.
+    The configuration is, first found: ``config`` (a ``ModelConfig``, preset name, diffusers folder or LDM
+    ``.yaml`` path); the ``sdjax.config`` metadata of a file sdjax saved; ``<stem>.yaml`` beside the file;
+    inference from shapes (warning when heads or groups had to be assumed). ``prediction_type`` overrides
+    the prediction type (otherwise: the config's, the file's ModelSpec metadata, the family default);
+    ``use_ema`` takes the U-Net from the ``model_ema.*`` copy.
     """
     _check_prediction_type(prediction_type)
+    path = Path(path).expanduser()
     state = read_single_file(path)
     family = detect_family(state)
-    if config is None:
-        config = infer_model_config(state, prediction_type=prediction_type or declared_prediction_type(path))
+    if config is not None:
+        if _is_yaml(config):
+            config = config_from_ldm_yaml(state, config, prediction_type=prediction_type)
+        else:
+            config = _with_prediction(resolve_config(config), prediction_type)
+    elif (recorded := embedded_config(path)) is not None:
+        config = _with_prediction(recorded, prediction_type)
+    elif (beside := yaml_beside(path)) is not None:
+        config = config_from_ldm_yaml(state, beside, prediction_type=prediction_type)
     else:
-        config = resolve_config(config)
-        if uses_open_clip(config) != (family == "sd2"):
-            raise ValueError(
-                f"config describes an {'SD 2.x (OpenCLIP)' if uses_open_clip(config) else 'SD 1.x (CLIP)'} text "
-                f"encoder, but {path} holds an {'SD 2.x' if family == 'sd2' else 'SD 1.x'} one"
-            )
-        if prediction_type is not None:
-            config = config.replace(scheduler=dataclasses.replace(config.scheduler, prediction_type=prediction_type))
+        config = infer_model_config(state, prediction_type=prediction_type or declared_prediction_type(path))
+        if not _is_released_architecture(config):
+            _warn_guessed(path, config)
+    if uses_open_clip(config) != (family == "sd2"):
+        raise ValueError(
+            f"config describes an {'SD 2.x (OpenCLIP)' if uses_open_clip(config) else 'SD 1.x (CLIP)'} text "
+            f"encoder, but {path} holds an {'SD 2.x' if family == 'sd2' else 'SD 1.x'} one"
+        )
     states = ldm_to_diffusers(state, config, use_ema=use_ema)
     params = weights.params_from_state_dicts(config, states, jnp.dtype(dtype or jnp.float32), source=str(path))
     return config, params
@@ -355,7 +483,9 @@ def load_single_file(
 def save_single_file(path: Union[str, os.PathLike], config: ModelConfig, params: dict, *, dtype=None) -> None:
     """Write ``params`` as an original-layout ``.safetensors`` single file (optionally cast to ``dtype``).
 
-    The prediction type is recorded as ModelSpec metadata (``modelspec.prediction_type``).
+    The whole ``config`` is recorded in the file's metadata (``sdjax.config``: the diffusers config of each
+    component, as JSON), so ``load_single_file`` reads it back exactly with no hints; the prediction type
+    is also recorded as ModelSpec metadata (``modelspec.prediction_type``) for other tools.
     """
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
@@ -366,4 +496,5 @@ def save_single_file(path: Union[str, os.PathLike], config: ModelConfig, params:
     if dtype is not None:
         tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
     prediction = {"v_prediction": "v"}.get(config.scheduler.prediction_type, config.scheduler.prediction_type)
-    write_safetensors(path, tensors, metadata={"modelspec.prediction_type": prediction})
+    metadata = {"modelspec.prediction_type": prediction, METADATA_KEY: config_to_metadata(config)}
+    write_safetensors(path, tensors, metadata=metadata)

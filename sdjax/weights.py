@@ -8,6 +8,7 @@ layout come through ``sdjax.single_file``, which converts them to the per-compon
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from huggingface_hub import list_repo_files, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from sdjax.config import CLIPTextConfig, ModelConfig, SchedulerConfig, UNetConfig, VAEConfig
 from sdjax.layouts.diffusers import (
@@ -101,7 +109,11 @@ def resolve_model_dir(
 ) -> Path:
     """A local diffusers-layout folder, downloading a hub repo id when the path does not exist.
 
-    Hub downloads skip ``.bin``/``.ckpt`` pickles and other frameworks' weights whenever the repo has
+    A hub id resolves to its snapshot in the local Hugging Face cache when that copy is complete (so it
+    works offline; ``revision`` pins another one), else it is downloaded; with no network or
+    ``HF_HUB_OFFLINE=1`` and no complete cached copy, ``HubUnreachableError`` (a ``FileNotFoundError``)
+    says so at once. A single-file checkpoint path is refused here: route it with
+    ``sdjax.single_file.is_single_file`` to ``from_single_file``. Hub downloads skip ``.bin``/``.ckpt`` pickles and other frameworks' weights whenever the repo has
     safetensors, and skip variants that were not asked for.
     """
     path = Path(path_or_repo_id).expanduser()
@@ -119,8 +131,102 @@ def resolve_model_dir(
     return _download(text, revision=revision, token=token, variant=variant)
 
 
+class HubUnreachableError(FileNotFoundError):
+    """A hub repo id was given, the Hugging Face Hub cannot be reached (no network, or ``HF_HUB_OFFLINE=1``)
+    and the model is not complete in the local Hugging Face cache."""
+
+
+# Seconds to wait for the hub's first answer before calling it unreachable (``HF_HUB_ETAG_TIMEOUT`` overrides).
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub resolves it (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), read from the environment at call time."""
+    for variable, tail in (("HF_HUB_CACHE", ""), ("HUGGINGFACE_HUB_CACHE", ""), ("HF_HOME", "hub")):
+        value = os.environ.get(variable)
+        if value:
+            return Path(os.path.expandvars(value)).expanduser() / tail
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _network_errors() -> tuple:
+    """Exceptions that mean "no answer from the hub": OSError (requests' errors are OSErrors) and the transport
+    errors of the httpx flavour the installed huggingface_hub uses."""
+    errors: list = [OSError, OfflineModeIsEnabled]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _incomplete(folder: Path, variant: Optional[str]) -> list[str]:
+    """What a diffusers-layout folder lacks to load (empty when complete)."""
+    missing = [name for name in ("model_index.json", "scheduler/scheduler_config.json") if not (folder / name).is_file()]
+    missing += [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir()]
+    for component in ("text_encoder", "unet", "vae"):
+        try:
+            find_weights(folder / component, variant)
+        except FileNotFoundError:
+            missing.append(f"{component} weights")
+    return missing
+
+
+def _cached_snapshot(repo_id: str, revision: Optional[str], variant: Optional[str], cache: Path) -> tuple:
+    """(the cached snapshot folder or None, what a cached but incomplete snapshot lacks)."""
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None, []
+    missing = _incomplete(folder, variant)
+    return (None if missing else folder), missing
+
+
+def _unreachable(repo_id: str, cache: Path, reason: str, missing: list[str]) -> HubUnreachableError:
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    cached = (f"the copy in the local Hugging Face cache ({folder}) is incomplete (missing {', '.join(missing)})"
+              if missing else f"it is not in the local Hugging Face cache (checked {folder})")
+    return HubUnreachableError(
+        f"cannot load {repo_id!r}: the Hugging Face Hub cannot be reached ({reason}) and {cached}. To work "
+        f"offline, download the model once while online (it is then cached in {cache}; set HF_HUB_OFFLINE=1 to "
+        f"use the cache without trying the network; HF_HOME or HF_HUB_CACHE choose the cache folder), or pass "
+        f"the path of a local diffusers-layout folder instead of a hub id."
+    )
+
+
 def _download(repo_id: str, *, revision, token, variant) -> Path:
-    files = list_repo_files(repo_id, revision=revision, token=token)
+    """The snapshot folder of a hub repo: from the local cache when complete there, else downloaded.
+
+    Without network (or with ``HF_HUB_OFFLINE=1``) and no complete cached copy, raises ``HubUnreachableError``
+    after one short request instead of huggingface_hub's retry loop.
+    """
+    cache = hub_cache_dir()
+    cached, missing = _cached_snapshot(repo_id, revision, variant, cache)
+    if cached is not None:
+        return cached
+    if _hub_offline():
+        raise _unreachable(repo_id, cache, "HF_HUB_OFFLINE=1 is set", missing)
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
+    try:  # one request, no retries: model_info lists the repo's files
+        info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=timeout)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise FileNotFoundError(
+            f"hub repo {repo_id!r} not found, private or gated ({type(e).__name__}); check the id, pass token= "
+            "for a private or gated repo, or give a local folder path"
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
+    except _network_errors() as e:  # no network, DNS failure, timeout, refused connection
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+        raise _unreachable(repo_id, cache, reason, missing) from None
+    files = [s.rfilename for s in info.siblings or ()]
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt"]
     weight_ext = "safetensors" if has_safetensors else "bin"
@@ -131,7 +237,15 @@ def _download(repo_id: str, *, revision, token, variant) -> Path:
             patterns.append(f"{component}/*.{weight_ext}")
     ignore = [] if variant else ["*.fp16.*", "*.ema.*", "*.non_ema.*"]
     return Path(
-        snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns, ignore_patterns=ignore)
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache,
+            allow_patterns=patterns,
+            ignore_patterns=ignore,
+            etag_timeout=timeout,
+        )
     )
 
 

@@ -99,6 +99,18 @@ def save_text_encoder(path: Path, seed: int = 0, **overrides):
     return model
 
 
+def assert_trees_equal(ours, expected) -> None:
+    """Two parameter trees hold the same paths, dtypes and values, bit for bit."""
+    import jax
+
+    flat_ours = jax.tree_util.tree_leaves_with_path(ours)
+    flat_expected = jax.tree_util.tree_leaves_with_path(expected)
+    assert [p for p, _ in flat_ours] == [p for p, _ in flat_expected]
+    for (path, a), (_, b) in zip(flat_ours, flat_expected):
+        assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+
 def rel_err(ours, ref) -> float:
     ours = np.asarray(ours, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
@@ -170,7 +182,7 @@ def save_pipeline(
 def run_on_simulated_devices(script: str, *args, devices: int = 8, marker: str, timeout: int = 900) -> str:
     """Run ``tests/<script>`` in a subprocess with ``devices`` simulated CPU devices (the device count is fixed
     when jax starts, so it cannot change inside the test process); assert it exits 0 and prints ``marker``."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     print(result.stdout[-3000:])

@@ -1,8 +1,7 @@
 """Tensor files: safetensors (read memory-mapped, written atomically) and guarded PyTorch pickles.
 
 Everything here returns or takes flat ``{key: numpy array}`` state dicts; bf16 is ``ml_dtypes.bfloat16``.
-torch is imported only when a ``.bin`` / ``.ckpt`` pickle must be read, and then only through
-``torch.load(weights_only=True)``.
+PyTorch pickles are read by ``sdjax.layouts.safe_pickle``, which needs no torch and runs no code from the file.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from typing import Mapping, Optional
 
 import ml_dtypes
 import numpy as np
+
+from sdjax.layouts.safe_pickle import PickleError, is_placeholder, load_torch_file, placeholder_name
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -113,33 +114,28 @@ def write_safetensors(path: os.PathLike, tensors: Mapping[str, np.ndarray], meta
 
 
 def read_torch_pickle(path: os.PathLike) -> dict[str, np.ndarray]:
-    """Read a ``.bin`` / ``.ckpt`` pickle through ``torch.load(weights_only=True)``: never runs code from the file."""
-    # torch is an optional dependency (pickles only), and importing it costs seconds: import it here.
+    """The tensors of a ``.bin`` / ``.ckpt`` / ``.pt`` pickle (its ``state_dict`` when it has one), read by
+    ``sdjax.layouts.safe_pickle``: no torch needed, no code from the file run, objects other than tensors
+    (training callbacks, optimizer state, numpy scalars) left out."""
+    path = Path(path)
     try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path} is a PyTorch pickle; reading it safely needs torch (torch.load with weights_only=True), "
-            "which is not installed. Convert it to .safetensors, or `pip install torch`."
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError and others for disallowed globals or bad files
-        raise CheckpointError(
-            f"{path} could not be loaded safely (torch.load weights_only=True refused or failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it may hold more than tensors"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = load_torch_file(path)
+    except PickleError as e:
+        raise CheckpointError(f"{path} could not be loaded safely: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        found = f"a {placeholder_name(state)} object" if is_placeholder(state) else type(state).__name__
+        raise CheckpointError(f"{path} does not hold a state dict (found {found}); expected a dict of tensors")
     out = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            else:
-                out[key] = value.numpy()
+        if is_placeholder(value):
+            raise CheckpointError(
+                f"{path} could not be loaded safely: its state dict holds a {placeholder_name(value)} object "
+                f"under {key!r} where tensors belong (sdjax never runs code from a pickle)"
+            )
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            out[str(key)] = np.asarray(value)
     return out
 
 
