@@ -12,17 +12,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from sdjax import lora, samplers
+from sdjax import lora, parallel, samplers
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
 from sdjax.samplers import Schedule
-from sdjax.sampling import classifier_free_guidance, sample
+from sdjax.sampling import SamplerCarry, classifier_free_guidance, sample_evaluations, start_sampling
 
 
 class Mode(str, enum.Enum):
@@ -112,12 +112,41 @@ jax.tree_util.register_dataclass(
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The compile-time side of a generate call: models, latent shape, output kind, progress callback."""
+    """The compile-time side of a generate call: models, latent shape, output kind."""
 
     models: Models
     latent_shape: tuple
     output: str  # "pil" | "np" (both decode to uint8) | "latent"
-    progress: Optional[Callable] = None  # progress(i, total) through jax.debug.callback after evaluation i
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownRegion:
+    """Inpainting with an ordinary U-Net: what re-imposes the unmasked region after every step."""
+
+    image_latents: jax.Array
+    noise: jax.Array
+    mask: jax.Array  # (B, h, w, 1), 1 = repaint
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoising:
+    """A generation between its stages (``begin``, ``advance``, ``finish``): the sampler's carry, the
+    encoded prompts (leading axis: images), the U-Net's extra input channels of the image modes and,
+    for inpainting with an ordinary U-Net, the known region."""
+
+    sampler: SamplerCarry
+    uncond_context: jax.Array
+    cond_context: jax.Array
+    extra_channels: Optional[jax.Array] = None
+    known: Optional[KnownRegion] = None
+
+
+jax.tree_util.register_dataclass(KnownRegion, data_fields=["image_latents", "noise", "mask"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Denoising,
+    data_fields=["sampler", "uncond_context", "cond_context", "extra_channels", "known"],
+    meta_fields=[],
+)
 
 
 def encode_prompts(models: Models, params, ids: jax.Array) -> jax.Array:
@@ -161,7 +190,7 @@ def image_conditioning(models: Models, params, request: Request, schedule: Sched
     pure noise as diffusers' does; a 9-channel U-Net gets the mask (nearest downsampled) and the masked
     image's latents as extra channels, an ordinary U-Net gets the known region re-imposed after every
     step. Depth-to-image gives the depth map as the extra channel.
-    Returns (x_init, extra channels or None, after_step or None).
+    Returns (x_init, extra channels or None, the known region or None).
     """
     condition, keys = request.image, request.keys
     start, latent_shape = condition.start_step, noise.shape[1:]
@@ -176,20 +205,20 @@ def image_conditioning(models: Models, params, request: Request, schedule: Sched
     factor = condition.pixels.shape[1] // latent_shape[0]
     mask = condition.mask[:, ::factor, ::factor].astype(jnp.float32)  # torch's nearest at an integer factor
     if models.unet.config.in_channels == latent_shape[-1]:
-        return x, None, partial(blend_known_region, schedule, image_latents, noise, mask)
+        return x, None, KnownRegion(image_latents, noise, mask)
     masked_image = condition.pixels * (condition.mask < 0.5)
     masked_noise = image_normals(keys, KeyStream.MASKED_IMAGE, latent_shape)
     masked_latents = encode_images(models, params, masked_image, masked_noise)
     return x, jnp.concatenate([mask, masked_latents], axis=-1), None
 
 
-def blend_known_region(schedule: Schedule, image_latents, noise, mask, x, i):
+def blend_known_region(schedule: Schedule, region: KnownRegion, x, i):
     """Inpainting with an ordinary U-Net: after evaluation i, outside the mask the sample becomes the
     init image's latents noised to the next evaluation's level (clean after the last one)."""
     last = schedule.num_evals - 1
-    known = samplers.noise_to_eval(schedule, image_latents, noise, jnp.minimum(i + 1, last))
-    known = jnp.where(i < last, known, image_latents)
-    return (1 - mask) * known + mask * x
+    known = samplers.noise_to_eval(schedule, region.image_latents, region.noise, jnp.minimum(i + 1, last))
+    known = jnp.where(i < last, known, region.image_latents)
+    return (1 - region.mask) * known + region.mask * x
 
 
 def merge_loaded_lora(params, lora_scales: Optional[dict]):
@@ -206,21 +235,27 @@ def merge_loaded_lora(params, lora_scales: Optional[dict]):
     return lora.merge_lora(base, [(adapters[name], lora_scales[name][0]) for name in sorted(adapters)])
 
 
-def generate(params, request: Request, schedule: Schedule, program: Program):
-    """The whole computation of one (per-device) batch, as one pure function."""
+def begin(params, request: Request, schedule: Schedule, program: Program) -> Denoising:
+    """Encode the prompts, draw or take the initial noise and build the image conditioning."""
     params = merge_loaded_lora(params, request.lora_scales)
     models, count = program.models, request.size
     context = encode_prompts(models, params, jnp.concatenate([request.uncond_ids, request.cond_ids]))
-    uncond_context, cond_context = context[:count], context[count:]
     if request.noise is not None:
         noise = request.noise.astype(jnp.float32)
     else:
         noise = image_normals(request.keys, KeyStream.INITIAL_NOISE, program.latent_shape)
     if request.image is not None:
-        x, extra_channels, after_step = image_conditioning(models, params, request, schedule, noise)
+        x, extra_channels, known = image_conditioning(models, params, request, schedule, noise)
         start_step = request.image.start_step
     else:
-        x, extra_channels, after_step, start_step = noise * schedule.init_noise_sigma, None, None, 0
+        x, extra_channels, known, start_step = noise * schedule.init_noise_sigma, None, None, 0
+    return Denoising(start_sampling(x, schedule, start_step), context[:count], context[count:], extra_channels, known)
+
+
+def advance(params, request: Request, schedule: Schedule, program: Program, carry: Denoising, evaluations) -> Denoising:
+    """Run the guided sampler's model evaluations ``evaluations`` (indices past the last are skipped)."""
+    params = merge_loaded_lora(params, request.lora_scales)
+    models, extra_channels = program.models, carry.extra_channels
 
     def unet_fn(latents, t, ctx):
         if extra_channels is not None:  # appended after the sampler's input scaling, for [uncond; cond]
@@ -229,14 +264,41 @@ def generate(params, request: Request, schedule: Schedule, program: Program):
         out = models.unet.apply({"params": params["unet"]}, latents.astype(models.unet.dtype), t, ctx)
         return out.astype(jnp.float32)
 
-    model_fn = classifier_free_guidance(unet_fn, cond_context, uncond_context, request.guidance)
+    model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
     sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, KeyStream.SAMPLER))(request.keys)
-    callback = None if program.progress is None else partial(program.progress, total=schedule.num_evals)
-    latents = sample(
-        model_fn, x, sampler_keys, schedule, start_step=start_step, callback=callback, after_step=after_step
-    )
+    after_step = None if carry.known is None else partial(blend_known_region, schedule, carry.known)
+    sampler = sample_evaluations(model_fn, carry.sampler, sampler_keys, schedule, evaluations, after_step=after_step)
+    return dataclasses.replace(carry, sampler=sampler)
+
+
+def finish(params, request: Request, schedule: Schedule, program: Program, carry: Denoising):
+    """The final latents, or decoded images (inpainting: the input's own pixels outside the mask)."""
+    latents = carry.sampler.x
     if program.output == "latent":
         return latents
+    params = merge_loaded_lora(params, request.lora_scales)
     if request.mode == Mode.INPAINT:  # the input's own pixels outside the mask, not their VAE round trip
-        return decode_latents(models, params, latents, overlay=(request.image.pixels, request.image.keep))
-    return decode_latents(models, params, latents)
+        return decode_latents(program.models, params, latents, overlay=(request.image.pixels, request.image.keep))
+    return decode_latents(program.models, params, latents)
+
+
+def generate(params, request: Request, schedule: Schedule, program: Program):
+    """The whole computation of one (per-device) batch, as one pure function."""
+    carry = begin(params, request, schedule, program)
+    carry = advance(params, request, schedule, program, carry, jnp.arange(schedule.num_evals))
+    return finish(params, request, schedule, program, carry)
+
+
+def _advance_chunk(params, request, schedule, program_and_chunk, carry, first_index):
+    program, chunk = program_and_chunk
+    return advance(params, request, schedule, program, carry, first_index + jnp.arange(chunk))
+
+
+STAGES = parallel.Stages(begin=begin, advance=_advance_chunk, finish=finish)
+"""``generate`` in three compiled parts, for a progress display between chunks of the sampler loop."""
+
+
+def progress_chunk(num_evals: int, updates: int = 20) -> int:
+    """Evaluations per chunk when the loop shows progress: about ``updates`` display updates per run (one
+    compiled chunk program whatever the step count's remainder: evaluations past the end are skipped)."""
+    return max(1, -(-num_evals // updates))

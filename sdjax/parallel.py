@@ -149,8 +149,8 @@ def trim(tree, count: int):
 
 
 class ProgressDisplay:
-    """A one-line step counter fed from inside the scan through ``jax.debug.callback``; every device reports
-    the same step, so repeats are shown once. Hashable by identity, so it can sit in a static argument."""
+    """A one-line step counter on stderr, advanced by the host between chunks of the denoising loop
+    (``Executor.run_in_chunks``); repeated reports of a step are shown once."""
 
     width = 30
 
@@ -168,12 +168,59 @@ class ProgressDisplay:
         print(f"\r[{bar}] step {step + 1}/{total}", end=end, file=sys.stderr, flush=True)
 
 
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch: compile or cache read
+_CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"  # before XLA compiles what the cache lacks
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileWatch:
+    """Counts what XLA really compiles while active, from JAX's monitoring events: programs read from
+    the persistent compilation cache are not compiles. ``announce`` (if given) is called once, with no
+    argument, just before the first real compile starts when the persistent cache is on (its miss event
+    comes first); without the cache every new program is compiled, and the caller knows that beforehand."""
+
+    def __init__(self, announce: Optional[Callable[[], None]] = None):
+        self.announce = announce
+        self.programs = 0  # compiled or read from the persistent cache
+        self.cache_hits = 0
+        self.seconds = 0.0
+
+    @property
+    def compiles(self) -> int:
+        return self.programs - self.cache_hits
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == _CACHE_HIT_EVENT:
+            self.cache_hits += 1
+        elif event == _CACHE_MISS_EVENT and self.announce is not None:
+            self.announce()
+            self.announce = None
+
+    def _on_duration(self, event: str, duration: float, **_) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.programs += 1
+            self.seconds += duration
+
+    def __enter__(self) -> "CompileWatch":
+        jax.monitoring.register_event_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from jax._src import monitoring  # the public module has no unregister functions
+
+        monitoring.unregister_event_listener(self._on_event)
+        monitoring.unregister_event_duration_listener(self._on_duration)
+
+
 class Executor:
     """Compiles and runs generate functions on ``devices`` (default: all local devices).
 
     Compiled functions are cached per (function, data-parallel setup, static argument); parameters are
     placed once per parameter tree and mode, and reused: the classic flow of placing the weights once, then
-    generating many batches. ``progress`` is this executor's step display, for generate functions to call.
+    generating many batches. ``progress`` is this executor's step display. With ``verbose``, a message says
+    when XLA really compiles (not when a program comes from the persistent compilation cache) and how long
+    it took.
     """
 
     def __init__(self, devices: Optional[Sequence[jax.Device]] = None, verbose: bool = False):
@@ -181,9 +228,42 @@ class Executor:
         self.verbose = verbose
         self.progress = ProgressDisplay()
         self.last_compile_seconds: Optional[float] = None
+        self.last_xla_compiles = 0  # programs XLA compiled during the last run (cache reads excluded)
         self._compiled: dict[tuple, Callable] = {}
         self._seen_signatures: set = set()
+        self._pmap_signatures: set = set()
         self._placed_params: dict[str, tuple[Any, DataParallel, Any]] = {}  # mode -> (params, where, placed)
+
+    def _function(self, fn: Callable, parallel: DataParallel, static: Hashable, kinds: tuple) -> Callable:
+        key = (fn, parallel, static)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = parallel.parallelize(lambda p, b, s, *rest: fn(p, b, s, static, *rest), kinds)
+            self._compiled[key] = compiled
+        return compiled
+
+    def _watch(self, signature) -> tuple[bool, CompileWatch]:
+        first = signature not in self._seen_signatures
+        cache_on = jax.config.jax_compilation_cache_dir is not None
+
+        def announce():
+            print("compiling (XLA; first run of this shape, step count and sampler)...", file=sys.stderr,
+                  flush=True)
+
+        if first and self.verbose and not cache_on:
+            announce()
+        return first, CompileWatch(announce if self.verbose and cache_on else None)
+
+    def _report(self, signature, parallel: DataParallel, first: bool, watch: CompileWatch, start: float) -> None:
+        self.last_xla_compiles = watch.compiles
+        if first:
+            self._seen_signatures.add(signature)
+            if parallel.mode == "pmap":
+                self._pmap_signatures.add(signature)
+            self.last_compile_seconds = time.perf_counter() - start
+            if self.verbose and watch.compiles:
+                print(f"compiled in {watch.seconds:.1f}s (kept in the compilation cache when it is on)",
+                      file=sys.stderr, flush=True)
 
     def run(self, fn: Callable, params, batch, schedule, *, static: Hashable, mode: Optional[str] = None):
         """``fn(params, batch, schedule, static)`` on the devices; returns its outputs as numpy.
@@ -193,33 +273,65 @@ class Executor:
         ``mode``: "mesh" (default) or "pmap"."""
         parallel = DataParallel(self.devices, mode or "mesh")
         padded, count = pad_batch(batch, parallel.num_devices)
-        key = (fn, parallel, static)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = parallel.parallelize(lambda p, b, s: fn(p, b, s, static), ("params", "batch", "broadcast"))
-            self._compiled[key] = compiled
-        signature = (key, _shapes(padded), _shapes(schedule))
-        first = signature not in self._seen_signatures
-        if first and self.verbose:
-            print("compiling (first call for this shape, step count and sampler)...", file=sys.stderr, flush=True)
+        compiled = self._function(fn, parallel, static, ("params", "batch", "broadcast"))
+        signature = ((fn, parallel, static), _shapes(padded), _shapes(schedule))
+        first, watch = self._watch(signature)
         start = time.perf_counter()
-        out = compiled(
-            self._params_for(parallel, params), parallel.place_batch(padded), parallel.place_broadcast(schedule)
-        )
-        out = jax.block_until_ready(parallel.unshard_batch(out))
-        if first:
-            self._seen_signatures.add(signature)
-            self.last_compile_seconds = time.perf_counter() - start
-            if self.verbose:
-                print(f"compiled and ran in {self.last_compile_seconds:.1f}s", file=sys.stderr, flush=True)
+        with watch:
+            out = compiled(
+                self._params_for(parallel, params), parallel.place_batch(padded), parallel.place_broadcast(schedule)
+            )
+            out = jax.block_until_ready(parallel.unshard_batch(out))
+        self._report(signature, parallel, first, watch, start)
+        return trim(out, count)
+
+    def run_in_chunks(
+        self,
+        stages: "Stages",
+        params,
+        batch,
+        schedule,
+        *,
+        static: Hashable,
+        total: int,
+        chunk: int,
+        progress: Optional[Callable[[int, int], None]] = None,
+        mode: Optional[str] = None,
+    ):
+        """``stages.begin``, then ``stages.advance`` once per ``chunk`` of the ``total`` loop iterations, then
+        ``stages.finish``, as three compiled programs; the carry stays on the devices between them and
+        ``progress(last_index_done, total)`` is called on the host after each chunk. Unlike a host callback
+        inside one program, this keeps every program eligible for JAX's persistent compilation cache.
+
+        ``begin(params, batch, schedule, static) -> carry``; ``advance(params, batch, schedule, (static, chunk),
+        carry, first_index) -> carry`` (``first_index`` a traced int32: every chunk is the same program);
+        ``finish(params, batch, schedule, static, carry) -> outputs``. Returns the outputs as ``run`` does."""
+        parallel = DataParallel(self.devices, mode or "mesh")
+        padded, count = pad_batch(batch, parallel.num_devices)
+        kinds = ("params", "batch", "broadcast")
+        begin = self._function(stages.begin, parallel, static, kinds)
+        advance = self._function(stages.advance, parallel, (static, chunk), kinds + ("batch", "broadcast"))
+        finish = self._function(stages.finish, parallel, static, kinds + ("batch",))
+        signature = ((stages, parallel, static, chunk), _shapes(padded), _shapes(schedule))
+        first, watch = self._watch(signature)
+        start = time.perf_counter()
+        with watch:
+            placed = (self._params_for(parallel, params), parallel.place_batch(padded),
+                      parallel.place_broadcast(schedule))
+            carry = begin(*placed)
+            for index in range(0, total, chunk):
+                carry = jax.block_until_ready(advance(*placed, carry, parallel.place_broadcast(np.int32(index))))
+                if progress is not None:
+                    progress(min(index + chunk, total) - 1, total)
+            out = jax.block_until_ready(parallel.unshard_batch(finish(*placed, carry)))
+        self._report(signature, parallel, first, watch, start)
         return trim(out, count)
 
     def compile_count(self) -> int:
         """How many executables the cached functions hold (for tests that check nothing recompiles); a pmap
         function keeps no count, so for those it is the distinct input shapes they ran on."""
-        counted = {key: f._cache_size() for key, f in self._compiled.items() if hasattr(f, "_cache_size")}
-        uncounted = sum(1 for signature in self._seen_signatures if signature[0] not in counted)
-        return sum(counted.values()) + uncounted
+        counted = sum(f._cache_size() for f in self._compiled.values() if hasattr(f, "_cache_size"))
+        return counted + len(self._pmap_signatures)
 
     def _params_for(self, parallel: DataParallel, params):
         cached = self._placed_params.get(parallel.mode)
@@ -227,6 +339,16 @@ class Executor:
             cached = (params, parallel, parallel.place_params(params))
             self._placed_params[parallel.mode] = cached
         return cached[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """A computation in three compiled parts for ``Executor.run_in_chunks``: ``begin`` makes the carry,
+    ``advance`` moves it one chunk on, ``finish`` turns it into the outputs."""
+
+    begin: Callable
+    advance: Callable
+    finish: Callable
 
 
 def _shapes(tree) -> tuple:

@@ -21,7 +21,17 @@ from sdjax import images as image_inputs
 from sdjax import inputs, lora, parallel, samplers, single_file, weights
 from sdjax.config import ModelConfig
 from sdjax.depth import DEFAULT_DEPTH_MODEL, INSTALL_HINT, DepthEstimator
-from sdjax.generate import ImageCondition, Mode, Models, Program, Request, generate, merge_loaded_lora
+from sdjax.generate import STAGES as generate_stages
+from sdjax.generate import (
+    ImageCondition,
+    Mode,
+    Models,
+    Program,
+    Request,
+    generate,
+    merge_loaded_lora,
+    progress_chunk,
+)
 from sdjax.inputs import Prompt
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -54,6 +64,7 @@ class Job:
     request: Request
     schedule: Schedule
     program: Program
+    progress: bool = False  # a step display, the sampler loop then running in chunks (see ``run``)
 
     def take(self, indices) -> "Job":
         return dataclasses.replace(self, request=self.request.take(indices))
@@ -423,14 +434,24 @@ class StableDiffusion:
                 mask, depth_map, binarize_mask, keep_unmasked,
             )
             request = dataclasses.replace(request, image=condition)
-        program = Program(self.models, latent_shape, output, self.executor.progress if progress else None)
-        return Job(request, schedule, program)
+        return Job(request, schedule, Program(self.models, latent_shape, output), progress=bool(progress))
 
     def run(self, job: Job, parallel_mode: Optional[str] = None):
-        """Execute a prepared ``Job`` on this model's devices; returns what its ``output`` asked for."""
-        result = self.executor.run(
-            generate, self.params, job.request, job.schedule, static=job.program, mode=parallel_mode
-        )
+        """Execute a prepared ``Job`` on this model's devices; returns what its ``output`` asked for.
+
+        With ``job.progress`` the sampler loop runs as a few compiled chunks with the step display advanced
+        between them (same results, and every program stays in JAX's persistent compilation cache, which a
+        host callback inside the loop would prevent); otherwise the whole job is one compiled program."""
+        if job.progress:
+            total = job.schedule.num_evals
+            result = self.executor.run_in_chunks(
+                generate_stages, self.params, job.request, job.schedule, static=job.program, total=total,
+                chunk=progress_chunk(total), progress=self.executor.progress, mode=parallel_mode,
+            )
+        else:
+            result = self.executor.run(
+                generate, self.params, job.request, job.schedule, static=job.program, mode=parallel_mode
+            )
         return inputs.to_output(result, job.program.output)
 
     def _image_condition(

@@ -6,7 +6,7 @@ noise all live in the scan carry or are computed from the step index.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,83 @@ def denoise_step(model_fn, schedule: Schedule, x, state, i, noise=None):
     if noise is None:
         noise = jnp.zeros_like(x)
     return samplers.step(schedule, i, x, state, raw, noise.astype(jnp.float32))
+
+
+class SamplerCarry(NamedTuple):
+    """What the denoising loop carries between evaluations: the sample, the sampler's state and each
+    image's first evaluation (``first``: a scalar, or (B,) when images start at their own step)."""
+
+    x: jax.Array
+    state: Any
+    first: jax.Array
+
+
+def start_sampling(x_init: jax.Array, schedule: Schedule, start_step=0) -> SamplerCarry:
+    """The loop's initial carry for ``x_init`` starting at inference step ``start_step`` (see ``sample``)."""
+    x = jnp.asarray(x_init, jnp.float32)
+    per_image = jnp.ndim(start_step) == 1
+    first = samplers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
+    if per_image:
+        state = jax.vmap(lambda xb: samplers.init_state(schedule, xb[None]))(x)
+    else:
+        state = samplers.init_state(schedule, x)
+    return SamplerCarry(x, state, jnp.asarray(first))
+
+
+def sample_evaluations(
+    model_fn: Callable,
+    carry: SamplerCarry,
+    key: Optional[jax.Array],
+    schedule: Schedule,
+    evaluations: jax.Array,
+    *,
+    noise_fn: Optional[Callable] = None,
+    callback: Optional[Callable] = None,
+    after_step: Optional[Callable] = None,
+) -> SamplerCarry:
+    """Run the model evaluations ``evaluations`` (an int array, in order) of the loop from ``carry``.
+
+    Indices at or past ``schedule.num_evals`` are skipped, so a loop split into equal chunks (a progress
+    display between them, each chunk the same compiled program) computes exactly what one ``sample``
+    call computes. Arguments as in ``sample``.
+    """
+    per_image = jnp.ndim(carry.first) == 1
+    x_shape = carry.x.shape
+
+    def noise_at(i):
+        if not schedule.stochastic:
+            return None
+        if noise_fn is not None:
+            return noise_fn(i)
+        if key is None:
+            raise ValueError(f"scheduler {schedule.name!r} is stochastic: pass per-image keys to sample()")
+        return step_noise(key, i, x_shape)
+
+    def run(loop, i):
+        x, state = loop
+        if per_image:
+            new_x, new_state = _per_image_step(model_fn, schedule, x, state, i, noise_at(i))
+        else:
+            new_x, new_state = denoise_step(model_fn, schedule, x, state, i, noise_at(i))
+        if after_step is not None:
+            new_x = after_step(new_x, i)
+        if per_image:
+            started = i >= carry.first
+            new_x, new_state = jax.tree.map(
+                lambda new, old: jnp.where(per_sample(started, new.ndim), new, old),
+                (new_x, new_state),
+                loop,
+            )
+        if callback is not None:
+            jax.debug.callback(callback, i)
+        return new_x, new_state
+
+    def body(loop, i):
+        runs = (i >= (jnp.min(carry.first) if per_image else carry.first)) & (i < schedule.num_evals)
+        return lax.cond(runs, run, lambda loop, i: loop, loop, i), None
+
+    (x, state), _ = lax.scan(body, (carry.x, carry.state), evaluations)
+    return SamplerCarry(x, state, carry.first)
 
 
 def sample(
@@ -63,51 +140,20 @@ def sample(
         batch has started; each image keeps its own sampler state (the step is vmapped over the
         images) and images that have not started yet keep their sample and state.
     noise_fn(i) -> noise: overrides the per-step noise (tests inject diffusers' draws).
-    callback(i): called through ``jax.debug.callback`` after each evaluation that runs.
+    callback(i): called through ``jax.debug.callback`` after each evaluation that runs (a host
+        callback: JAX does not keep such programs in its persistent compilation cache; the pipeline
+        shows progress between chunks of ``sample_evaluations`` instead).
     after_step(x, i) -> x: applied to the sample after the scheduler step of evaluation i
         (inpainting re-imposes the known region there).
+
+    ``start_sampling`` and ``sample_evaluations`` are the same loop in pieces.
     """
-    x = jnp.asarray(x_init, jnp.float32)
-    per_image = jnp.ndim(start_step) == 1
-    first = samplers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
-    if per_image:
-        state = jax.vmap(lambda xb: samplers.init_state(schedule, xb[None]))(x)
-    else:
-        state = samplers.init_state(schedule, x)
-
-    def noise_at(i):
-        if not schedule.stochastic:
-            return None
-        if noise_fn is not None:
-            return noise_fn(i)
-        if key is None:
-            raise ValueError(f"scheduler {schedule.name!r} is stochastic: pass per-image keys to sample()")
-        return step_noise(key, i, x.shape)
-
-    def run(carry, i):
-        if per_image:
-            new_x, new_state = _per_image_step(model_fn, schedule, *carry, i, noise_at(i))
-        else:
-            new_x, new_state = denoise_step(model_fn, schedule, *carry, i, noise_at(i))
-        if after_step is not None:
-            new_x = after_step(new_x, i)
-        if per_image:
-            started = i >= first
-            new_x, new_state = jax.tree.map(
-                lambda new, old: jnp.where(per_sample(started, new.ndim), new, old),
-                (new_x, new_state),
-                carry,
-            )
-        if callback is not None:
-            jax.debug.callback(callback, i)
-        return new_x, new_state
-
-    def body(carry, i):
-        any_started = i >= (jnp.min(first) if per_image else first)
-        return lax.cond(any_started, run, lambda carry, i: carry, carry, i), None
-
-    (x, _), _ = lax.scan(body, (x, state), jnp.arange(schedule.num_evals))
-    return x
+    carry = start_sampling(x_init, schedule, start_step)
+    evaluations = jnp.arange(schedule.num_evals)
+    carry = sample_evaluations(
+        model_fn, carry, key, schedule, evaluations, noise_fn=noise_fn, callback=callback, after_step=after_step
+    )
+    return carry.x
 
 
 def _per_image_step(model_fn, schedule: Schedule, x, state, i, noise=None):
