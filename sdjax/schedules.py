@@ -33,6 +33,15 @@ def _linspace_f32(start: float, end: float, num: int) -> np.ndarray:
     return np.where(idx < num // 2, from_start, from_end).astype(_F32)
 
 
+def _linspace_f64(start: float, end: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, end, num, dtype=float64)``, each half anchored at its end."""
+    if num == 1:
+        return np.array([start], np.float64)
+    step = (end - start) / (num - 1)
+    idx = np.arange(num)
+    return np.where(idx < num // 2, start + step * idx, end - step * (num - 1 - idx))
+
+
 def _cumprod_f32(values: np.ndarray) -> np.ndarray:
     """``torch.cumprod`` of a float32 CPU tensor, which accumulates in float64."""
     return np.cumprod(values.astype(np.float64)).astype(_F32)
@@ -190,4 +199,92 @@ def multistep_sigmas(
         timesteps = timesteps.astype(np.int64)
     else:
         sigmas = interp_sigmas(sigma_table, timesteps)
+    return timesteps, np.concatenate([sigmas, [0.0]]).astype(_F32)
+
+
+# --------------------------------------------------------------------------------------------
+# k-diffusion grids (A1111 / ComfyUI): the sampler option ``sigmas``
+# --------------------------------------------------------------------------------------------
+
+K_DIFFUSION_GRIDS = ("uniform", "karras", "exponential")
+
+
+def ldm_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """alpha_bar(t) as the original LDM / SGM code registers it (what A1111 samples with): the betas
+    and their cumulative product in float64 (the LDM "linear" schedule is diffusers' "scaled_linear"),
+    rounded to float32 once at the end. The zero-terminal-SNR rescale is not applied."""
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, np.float64)
+    elif config.beta_schedule == "scaled_linear":
+        betas = _linspace_f64(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
+    elif config.beta_schedule == "linear":
+        betas = _linspace_f64(config.beta_start, config.beta_end, n)
+    else:
+        betas = training_betas(config).astype(np.float64)
+    return np.cumprod(1.0 - betas).astype(_F32)
+
+
+def k_diffusion_sigma_table(config: SchedulerConfig) -> np.ndarray:
+    """k-diffusion's ``DiscreteEpsDDPMDenoiser.sigmas``: ((1 - alpha_bar) / alpha_bar) ** 0.5 in
+    float32 from the float32 LDM alpha_bar, ascending in t."""
+    alphas_cumprod = ldm_alphas_cumprod(config)
+    return np.sqrt((_F32(1.0) - alphas_cumprod) / alphas_cumprod).astype(_F32)
+
+
+def uniform_sigmas(sigma_table: np.ndarray, n: int) -> np.ndarray:
+    """k-diffusion ``DiscreteSchedule.get_sigmas(n)``: t = linspace(t_max, 0, n), sigma(t) interpolated
+    linearly in log sigma between the neighbouring table entries (float32 throughout)."""
+    t = _linspace_f32(len(sigma_table) - 1, 0, n)
+    low = np.floor(t).astype(np.int64)
+    high = np.ceil(t).astype(np.int64)
+    w = (t - np.floor(t)).astype(_F32)
+    log_table = np.log(sigma_table).astype(_F32)
+    log_sigma = (_F32(1.0) - w) * log_table[low] + w * log_table[high]
+    return np.exp(log_sigma).astype(_F32)
+
+
+def karras_sigmas_f32(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """k-diffusion ``get_sigmas_karras`` (without the final 0): float32 like its torch tensors."""
+    ramp = _linspace_f32(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((_F32(max_inv_rho) + ramp * _F32(min_inv_rho - max_inv_rho)) ** _F32(rho)).astype(_F32)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """k-diffusion ``get_sigmas_exponential`` (without the final 0): uniform in log sigma, float32."""
+    return np.exp(_linspace_f32(math.log(sigma_max), math.log(sigma_min), n)).astype(_F32)
+
+
+def k_diffusion_sigma_to_t(sigmas: np.ndarray, sigma_table: np.ndarray, quantize: bool) -> np.ndarray:
+    """k-diffusion ``DiscreteSchedule.sigma_to_t`` in float32: the fractional training timestep of
+    each sigma (linear in log sigma between table entries), or with ``quantize`` the index of the
+    nearest entry in log sigma (A1111's "Enable quantization in K samplers")."""
+    log_table = np.log(sigma_table).astype(_F32)
+    log_sigma = np.log(sigmas.astype(_F32)).astype(_F32)
+    dists = log_sigma[None, :] - log_table[:, None]
+    if quantize:
+        return np.abs(dists).argmin(axis=0).astype(_F32)
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_table) - 2)
+    lo, hi = log_table[low], log_table[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1).astype(_F32)
+    return ((_F32(1.0) - w) * low.astype(_F32) + w * (low + 1).astype(_F32)).astype(_F32)
+
+
+def k_diffusion_grid(config: SchedulerConfig, n: int, grid: str, quantize: bool = False):
+    """U-Net timesteps (float32) and sigmas (float32, a final 0 appended) of an A1111 schedule type.
+
+    ``grid`` is "uniform" (``get_sigmas(n)``), "karras" (rho = 7) or "exponential", the last two
+    between the table's extremes (A1111: ``model.sigmas[0]`` and ``[-1]``)."""
+    if grid not in K_DIFFUSION_GRIDS:
+        raise ValueError(f"sigmas={grid!r} is not supported; choose from {list(K_DIFFUSION_GRIDS)}")
+    table = k_diffusion_sigma_table(config)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if grid == "uniform":
+        sigmas = uniform_sigmas(table, n)
+    elif grid == "karras":
+        sigmas = karras_sigmas_f32(n, sigma_min, sigma_max)
+    else:
+        sigmas = exponential_sigmas(n, sigma_min, sigma_max)
+    timesteps = k_diffusion_sigma_to_t(sigmas, table, quantize)
     return timesteps, np.concatenate([sigmas, [0.0]]).astype(_F32)

@@ -8,7 +8,26 @@ trajectories match it step for step. What depends on the sample runs under jit i
 one ``lax.scan`` (``sdjax.sampling.sample``), through the step function the schedule carries.
 
 Families: ``vp`` (DDIM, DDPM, PNDM), ``k`` (LMS, Euler, Euler ancestral, Heun), ``multistep``
-(DPM-Solver++, UniPC).
+(DPM-Solver++, UniPC). ``names``: A1111 sampler names and schedule types (``from_a1111``,
+``to_a1111``, ``resolve_sampler``).
+
+A1111 / ComfyUI sampling: lms, euler, euler_a, heun, dpmpp_2m and dpmpp_2m_sde take ``sigmas`` =
+"uniform" | "karras" | "exponential" (and ``quantize``), which replaces diffusers' grid by
+k-diffusion 0.1.1's over the LDM sigma table and reproduces k-diffusion's samplers as A1111 wraps
+them (``CompVisDenoiser``), initial noise scale included (tests/test_kdiffusion.py).
+
+Per-step noise. sdjax's stochastic samplers (euler_a, dpmpp_2m_sde, ddpm, ddim with eta > 0) draw
+the noise of model evaluation i of image b from ``fold_in(key[b], i)`` (``sampling.step_noise``), jax
+keys: not A1111's numbers. A1111 1.6+ draws, per image, from that image's seed (its "RNG" setting:
+a torch generator on the GPU, or on the CPU): for "Euler a" the next ``randn`` of the image's
+generator after the initial latent at each step with a next sigma > 0 (k-diffusion's
+``noise_sampler`` is A1111's ``torch.randn_like`` replacement; note that k-diffusion's Euler and Heun
+draw and discard one ``randn_like`` per step too, so the stream advances for them as well); for
+"DPM++ 2M SDE" a ``BrownianTreeNoiseSampler`` seeded with the image's seed over [sigma_min,
+sigma_max] of the grid, whose noise for the step sigma -> sigma_next is the Brownian increment
+W(sigma_next) - W(sigma) divided by sqrt(|sigma_next - sigma|) (sigma is the tree's time). To match
+A1111 image for image, compute those tensors on the host and pass them to ``sampling.sample`` through
+``noise_fn(i)`` (NHWC; evaluation i = step i for both samplers).
 """
 
 from __future__ import annotations
@@ -20,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.config import TIMESTEP_SPACINGS, SchedulerConfig
+from sdjax.schedules import K_DIFFUSION_GRIDS
 from sdjax.samplers import k, multistep, vp
+from sdjax.samplers.names import A1111_SAMPLERS, SCHEDULE_TYPES, from_a1111, resolve_sampler, to_a1111
 from sdjax.samplers.schedule import (
     Parameterization,
     Sampler,
@@ -36,6 +57,11 @@ from sdjax.samplers.schedule import (
 )
 
 __all__ = [
+    "A1111_SAMPLERS",
+    "SCHEDULE_TYPES",
+    "from_a1111",
+    "resolve_sampler",
+    "to_a1111",
     "DIFFUSERS_DEFAULTS",
     "DIFFUSERS_SCHEDULERS",
     "TIMESTEP_SPACINGS",
@@ -105,7 +131,13 @@ DIFFUSERS_DEFAULTS = {
 # What the keys a sampler never reads resolve to (any value: unused).
 _UNUSED = {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True}
 
-_OPTION_CHOICES = {"solver_order": (1, 2, 3), "solver_type": ("midpoint", "heun"), "timestep_spacing": TIMESTEP_SPACINGS}
+_OPTION_CHOICES = {
+    "solver_order": (1, 2, 3),
+    "solver_type": ("midpoint", "heun"),
+    "timestep_spacing": TIMESTEP_SPACINGS,
+    "sigmas": (None,) + K_DIFFUSION_GRIDS,
+    "quantize": (False, True),
+}
 
 
 def sampler_config(name: str, config: SchedulerConfig, timestep_spacing=None) -> SchedulerConfig:
@@ -129,6 +161,16 @@ def _check_options(name: str, sampler: Sampler, options: dict) -> dict:
             raise ValueError(
                 f"scheduler {name!r}: {key}={merged[key]!r} is not supported; choose from {list(choices)}"
             )
+    if merged.get("sigmas") is None and merged.get("quantize"):
+        raise ValueError(f"scheduler {name!r}: quantize=True needs a k-diffusion grid, sigmas={list(K_DIFFUSION_GRIDS)}")
+    if merged.get("sigmas") is not None:
+        # A k-diffusion grid replaces diffusers' timestep choice: the options that shape it cannot apply.
+        clashing = [key for key in ("timestep_spacing", "use_karras_sigmas") if options.get(key)]
+        if clashing:
+            raise ValueError(
+                f"scheduler {name!r}: sigmas={merged['sigmas']!r} (a k-diffusion grid) cannot be combined "
+                f"with {clashing}, which shape diffusers' grid"
+            )
     if "eta" in merged and not merged["eta"] >= 0:
         raise ValueError(f"scheduler {name!r}: eta must be >= 0, got {merged['eta']!r}")
     if "disable_corrector" in merged:
@@ -146,7 +188,12 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     "trailing", every sampler; default: the model config's, else the sampler's diffusers default), ``eta`` (ddim), ``use_karras_sigmas``
     (lms, euler, heun, dpmpp_*, unipc), ``solver_order`` (dpmpp_*, unipc: 1-3),
     ``lower_order_final`` and ``solver_type`` ("midpoint" | "heun") (dpmpp_*),
-    ``disable_corrector`` (unipc: step indices), ``skip_prk_steps`` (pndm; default from config).
+    ``disable_corrector`` (unipc: step indices), ``skip_prk_steps`` (pndm; default from config),
+    ``sigmas`` (lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde): None (default, diffusers' grid,
+    unchanged) | "uniform" | "karras" | "exponential", k-diffusion's grids as A1111 samples
+    (``sdjax.schedules.k_diffusion_grid``; not combinable with ``timestep_spacing`` or
+    ``use_karras_sigmas``), ``quantize`` (with ``sigmas`` only; default False): integer U-Net timesteps,
+    the nearest table entry, as A1111's "Enable quantization in K samplers".
     """
     if name not in _SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {list(SCHEDULERS)}")

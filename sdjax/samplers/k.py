@@ -1,5 +1,13 @@
 """k-diffusion samplers on x = x0 + sigma eps (the model sees x / sqrt(sigma**2 + 1)): LMS, Euler,
-Euler ancestral and Heun."""
+Euler ancestral and Heun.
+
+Two sources of sigmas: diffusers' (the default: the config's timestep_spacing, optionally
+``use_karras_sigmas``), or with the option ``sigmas`` = "uniform" | "karras" | "exponential"
+k-diffusion's grids over the LDM sigma table as A1111 and ComfyUI sample (``sdjax.schedules.
+k_diffusion_grid``; ``quantize`` rounds the U-Net timestep to the nearest table entry). The steps are
+k-diffusion's ``sample_lms`` (order 4), ``sample_euler`` and ``sample_heun`` (s_churn = 0) and
+``sample_euler_ancestral`` (eta = 1), whichever grid drives them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.samplers.schedule import Sampler, SamplerArrays, always, clip_range, push_newest_first
-from sdjax.schedules import k_diffusion_init_sigma, k_diffusion_sigmas, training_alphas_cumprod
+from sdjax.samplers.schedule import K_GRID, Sampler, SamplerArrays, always, clip_range, push_newest_first
+from sdjax.schedules import k_diffusion_grid, k_diffusion_init_sigma, k_diffusion_sigmas, training_alphas_cumprod
 
 
 class KTables(NamedTuple):
@@ -39,13 +47,23 @@ class HeunState(NamedTuple):
     sample: jax.Array  # the sample the last Euler stage started from
 
 
-def _arrays(config, timesteps, sigmas, tables) -> SamplerArrays:
+def _grid(config, n, options, *, zero_snr: bool):
+    """(timesteps, sigmas with a final 0, initial noise scale) of the chosen sigma source."""
+    if options.get("sigmas") is not None:
+        timesteps, sigmas = k_diffusion_grid(config, n, options["sigmas"], options["quantize"])
+        return timesteps, sigmas, float(sigmas[0])  # k-diffusion: x = noise * sigmas[0]
+    alphas_cumprod = training_alphas_cumprod(config, zero_snr=zero_snr, terminal_fix=zero_snr)
+    timesteps, sigmas = k_diffusion_sigmas(config, n, alphas_cumprod, options.get("use_karras_sigmas", False))
+    return timesteps, sigmas, k_diffusion_init_sigma(config, sigmas)
+
+
+def _arrays(timesteps, sigmas, init_noise_sigma, tables) -> SamplerArrays:
     """k-diffusion add_noise is x = x0 + sigma noise; the model sees x / sqrt(sigma**2 + 1)."""
     evals = sigmas[:-1]
     return SamplerArrays(
         timesteps,
         tables,
-        k_diffusion_init_sigma(config, sigmas),
+        init_noise_sigma,
         signal_scale=np.ones_like(evals),
         noise_scale=evals,
         input_divisor=np.sqrt(evals * evals + np.float32(1.0)).astype(np.float32),
@@ -79,9 +97,8 @@ def lms_coefficients(sigmas: np.ndarray, max_order: int = 4) -> np.ndarray:
 
 
 def build_lms(config, n, options) -> SamplerArrays:
-    alphas_cumprod = training_alphas_cumprod(config, zero_snr=False, terminal_fix=False)
-    timesteps, sigmas = k_diffusion_sigmas(config, n, alphas_cumprod, options["use_karras_sigmas"])
-    return _arrays(config, timesteps, sigmas, LMSTables(sigmas=sigmas, coeffs=lms_coefficients(sigmas)))
+    timesteps, sigmas, init = _grid(config, n, options, zero_snr=False)
+    return _arrays(timesteps, sigmas, init, LMSTables(sigmas=sigmas, coeffs=lms_coefficients(sigmas)))
 
 
 def init_lms(t: LMSTables, x) -> LMSState:
@@ -107,9 +124,8 @@ def step_lms(t: LMSTables, param, i, x, state: LMSState, raw, noise):
 
 
 def build_euler(config, n, options) -> SamplerArrays:
-    alphas_cumprod = training_alphas_cumprod(config, zero_snr=True, terminal_fix=True)
-    timesteps, sigmas = k_diffusion_sigmas(config, n, alphas_cumprod, options.get("use_karras_sigmas", False))
-    return _arrays(config, timesteps, sigmas, KTables(sigmas=sigmas))
+    timesteps, sigmas, init = _grid(config, n, options, zero_snr=True)
+    return _arrays(timesteps, sigmas, init, KTables(sigmas=sigmas))
 
 
 def step_euler(t: KTables, param, i, x, state, raw, noise):
@@ -133,12 +149,14 @@ def step_euler_ancestral(t: KTables, param, i, x, state, raw, noise):
 
 
 def build_heun(config, n, options) -> SamplerArrays:
-    alphas_cumprod = training_alphas_cumprod(config, zero_snr=False, terminal_fix=False)
-    timesteps, sigmas = k_diffusion_sigmas(config, n, alphas_cumprod, options["use_karras_sigmas"])
-    # Every sigma but the first and the last is visited twice: Euler stage, then correction.
+    timesteps, sigmas, init = _grid(config, n, options, zero_snr=False)
+    # Every sigma but the first and the last is visited twice: Euler stage, then correction (the
+    # last step, to sigma = 0, is Euler only, in diffusers and k-diffusion alike).
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])
-    return _arrays(config, timesteps, sigmas, HeunTables(sigmas=sigmas, clip=np.float32(clip_range(config))))
+    # k-diffusion never clips x0; diffusers clips when the config says so.
+    clip = np.inf if options.get("sigmas") is not None else clip_range(config)
+    return _arrays(timesteps, sigmas, init, HeunTables(sigmas=sigmas, clip=np.float32(clip)))
 
 
 def init_heun(t: HeunTables, x) -> HeunState:
@@ -158,9 +176,9 @@ def step_heun(t: HeunTables, param, i, x, state: HeunState, raw, noise):
     return start + slope * dt, HeunState(derivative=derivative, dt=dt, sample=x)
 
 
-_KARRAS = {"use_karras_sigmas": False}
+_KARRAS = {"use_karras_sigmas": False, **K_GRID}
 
 LMS = Sampler(build_lms, step_lms, init_lms, options=_KARRAS)
 EULER = Sampler(build_euler, step_euler, options=_KARRAS)
-EULER_ANCESTRAL = Sampler(build_euler, step_euler_ancestral, stochastic=always)
+EULER_ANCESTRAL = Sampler(build_euler, step_euler_ancestral, options=K_GRID, stochastic=always)
 HEUN = Sampler(build_heun, step_heun, init_heun, options=_KARRAS, evals_per_step=2)

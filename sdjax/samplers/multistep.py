@@ -2,6 +2,15 @@
 
 Both step in log-SNR lambda = log(alpha_t / sigma_t) over VP samples z = alpha_t x0 + sigma_t eps,
 with alpha_t = 1 / sqrt(sigma**2 + 1) for the k-diffusion sigma of each evaluation.
+
+DPM-Solver++ takes the option ``sigmas`` = "uniform" | "karras" | "exponential" (and ``quantize``):
+k-diffusion's grids, as A1111 and ComfyUI sample (``sdjax.schedules.k_diffusion_grid``). In VP form
+that is k-diffusion's ``sample_dpmpp_2m`` / ``sample_dpmpp_2m_sde`` (eta = 1, midpoint) exactly:
+lambda = -log(sigma) is the same in both forms, each update is k-diffusion's multiplied by alpha_t,
+the model sees z = alpha x = x / sqrt(sigma**2 + 1) (k-diffusion's c_in x) and predicts the same
+x0; the last step to sigma = 0 (alpha = 1) returns x0 itself in both. k-diffusion starts from
+x = noise * sigma_0, so the VP start is z = alpha_0 sigma_0 noise: ``init_noise_sigma`` is
+sigma_0 / sqrt(sigma_0**2 + 1) there (diffusers' is 1).
 """
 
 from __future__ import annotations
@@ -16,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdjax.samplers.schedule import Sampler, SamplerArrays, always, push_newest_last, static_field
-from sdjax.schedules import multistep_sigmas, training_alphas_cumprod
+from sdjax.samplers.schedule import K_GRID, Sampler, SamplerArrays, always, push_newest_last, static_field
+from sdjax.schedules import k_diffusion_grid, multistep_sigmas, training_alphas_cumprod
 
 
 class SolverType(enum.Enum):
@@ -59,11 +68,19 @@ class UniPCState(NamedTuple):
     last_order: jax.Array
 
 
-def _multistep_arrays(timesteps, sigmas, tables) -> SamplerArrays:
+def _multistep_arrays(timesteps, sigmas, tables, init_noise_sigma=1.0) -> SamplerArrays:
     """add_noise is z = alpha_t x0 + sigma_t noise."""
     evals = sigmas[:-1]
     alpha = (np.float32(1.0) / np.sqrt(evals * evals + np.float32(1.0))).astype(np.float32)
-    return SamplerArrays(timesteps, tables, 1.0, signal_scale=alpha, noise_scale=(evals * alpha).astype(np.float32))
+    return SamplerArrays(
+        timesteps, tables, init_noise_sigma, signal_scale=alpha, noise_scale=(evals * alpha).astype(np.float32)
+    )
+
+
+def vp_init_noise_sigma(sigma_max) -> float:
+    """The VP scale of k-diffusion's initial sample noise * sigma_max: alpha sigma_max."""
+    sigma_max = np.float64(sigma_max)
+    return float(sigma_max / np.sqrt(sigma_max * sigma_max + 1.0))
 
 
 def _alpha_sigma(sigma):
@@ -83,9 +100,14 @@ def _log_snr(sigma):
 
 
 def build_dpmpp(config, n, options, *, sde: bool) -> SamplerArrays:
-    alphas_cumprod = training_alphas_cumprod(config, zero_snr=True, terminal_fix=True)
-    round_karras = config.beta_schedule != "squaredcos_cap_v2"
-    timesteps, sigmas = multistep_sigmas(config, n, alphas_cumprod, options["use_karras_sigmas"], round_karras)
+    if options.get("sigmas") is not None:
+        timesteps, sigmas = k_diffusion_grid(config, n, options["sigmas"], options["quantize"])
+        init_noise_sigma = vp_init_noise_sigma(sigmas[0])
+    else:
+        alphas_cumprod = training_alphas_cumprod(config, zero_snr=True, terminal_fix=True)
+        round_karras = config.beta_schedule != "squaredcos_cap_v2"
+        timesteps, sigmas = multistep_sigmas(config, n, alphas_cumprod, options["use_karras_sigmas"], round_karras)
+        init_noise_sigma = 1.0
     order = options["solver_order"]
     max_order = np.full(n, order, np.int32)
     if options["lower_order_final"] and 2 <= n < 15:
@@ -98,7 +120,7 @@ def build_dpmpp(config, n, options, *, sde: bool) -> SamplerArrays:
         solver_type=SolverType(options["solver_type"]),
         sde=sde,
     )
-    return _multistep_arrays(timesteps, sigmas, tables)
+    return _multistep_arrays(timesteps, sigmas, tables, init_noise_sigma)
 
 
 def init_dpmpp(t: DPMSolverTables, x) -> DPMSolverState:
@@ -285,11 +307,13 @@ def step_unipc(t: UniPCTables, param, i, x, state: UniPCState, raw, noise):
 
 _DPMPP = {"solver_order": 2, "lower_order_final": True, "use_karras_sigmas": False, "solver_type": "midpoint"}
 
-DPMPP_2M = Sampler(partial(build_dpmpp, sde=False), step_dpmpp, init_dpmpp, options=_DPMPP)
+DPMPP_2M = Sampler(partial(build_dpmpp, sde=False), step_dpmpp, init_dpmpp, options={**_DPMPP, **K_GRID})
 DPMPP_2M_KARRAS = Sampler(
     partial(build_dpmpp, sde=False), step_dpmpp, init_dpmpp, options={**_DPMPP, "use_karras_sigmas": True}
 )
-DPMPP_2M_SDE = Sampler(partial(build_dpmpp, sde=True), step_dpmpp, init_dpmpp, options=_DPMPP, stochastic=always)
+DPMPP_2M_SDE = Sampler(
+    partial(build_dpmpp, sde=True), step_dpmpp, init_dpmpp, options={**_DPMPP, **K_GRID}, stochastic=always
+)
 UNIPC = Sampler(
     build_unipc,
     step_unipc,

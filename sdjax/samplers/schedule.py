@@ -204,6 +204,11 @@ def per_sample(value, ndim: int):
 
 # Helpers shared by the sampler families.
 
+# The options of the samplers that can run on k-diffusion's sigma grids (A1111 / ComfyUI):
+# ``sigmas`` None (diffusers' grid) | "uniform" | "karras" | "exponential"; ``quantize`` (integer
+# U-Net timesteps, only with a k-diffusion grid).
+K_GRID = {"sigmas": None, "quantize": False}
+
 
 def clip_range(config: SchedulerConfig) -> float:
     """The x0 clipping range (infinite when the config does not clip)."""
