@@ -3,20 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from sdjax.config import PREDICTION_TYPES
+from sdjax import infotext, inputs, outputs, samplers, single_file
+from sdjax.config import PREDICTION_TYPES, SchedulerConfig
 from sdjax.lora_train import run_from_args
-from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, StableDiffusion
+from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
+from sdjax.infotext import LoraRecord
+from sdjax.noise import NOISE_SOURCES
+from sdjax.recipe import Recipe, check_loras_loaded, read_recipe
+from sdjax.samplers import A1111_SAMPLERS, SCHEDULE_TYPES, SCHEDULERS
 
 DTYPES = ("float32", "bfloat16", "float16")
+SIZE_FACTOR = 8  # the VAE's downsampling factor of every supported model family
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and every option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}\nhint: {self.prog} --help lists the options", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help unless the text already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -28,37 +58,74 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser, default_size: str = "the model's native size") -> None:
-    parser.add_argument("prompt", help="what to draw")
-    parser.add_argument("--negative", default=None, help="negative prompt")
-    parser.add_argument("--model", default=None, help="diffusers folder or hub repo id (default: the built-in model)")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("prompt", nargs="?", default=None, help="what to draw")
+    parser.add_argument("--negative", default=None, help="negative prompt (default: none)")
+    _add_model_options(parser)
+    parser.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{inputs.MAX_STEPS}")
+    low, high = inputs.GUIDANCE_RANGE
     parser.add_argument(
         "--guidance", type=float, default=None,
-        help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE_SCALE}; "
+        help=f"classifier-free guidance scale, {low:g}..{high:g} (default: {DEFAULT_GUIDANCE_SCALE}; "
         f"{BUILTIN_GUIDANCE_SCALE} with the built-in model)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images")
-    parser.add_argument("--size", type=_size, default=None, help=f"WIDTHxHEIGHT (default: {default_size})")
-    parser.add_argument("--scheduler", default="dpmpp_2m")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on TPU/GPU, float32 on CPU")
-    parser.add_argument("--parallel", choices=("pmap", "mesh"), default="mesh")
-    parser.add_argument("--out", default="outputs", help="output folder, or a .png file name")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the first image, 0..2**32-1; image i uses seed + i (as in A1111), so "
+                             "any image regenerates alone from its own seed")
+    parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images", help="images to generate")
+    parser.add_argument("--size", type=_size, default=None,
+                        help=f"WIDTHxHEIGHT, both multiples of {SIZE_FACTOR} (default: {default_size})")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
+                        help=f"sampler (the API's default too): an sdjax name ({', '.join(SCHEDULERS)}) or an "
+                             f"AUTOMATIC1111 name ({', '.join(A1111_SAMPLERS)}), optionally with its old schedule "
+                             "suffix ('DPM++ 2M Karras')")
+    parser.add_argument("--schedule-type", choices=SCHEDULE_TYPES, default=None,
+                        help="A1111's schedule type: k-diffusion's sigma grid for Euler, Euler a, LMS, Heun and "
+                             "DPM++ (Automatic = the sampler's own A1111 default; default: for sdjax names the "
+                             "diffusers grid, for A1111 names Automatic)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="A1111's 'Enable quantization in K samplers': U-Net timesteps rounded to integers")
+    parser.add_argument("--noise", choices=NOISE_SOURCES, default="jax",
+                        help="initial and per-step noise: jax.random, or torch.randn as drawn on the CPU "
+                             "(torch-cpu: ComfyUI, A1111 'CPU') or a CUDA device (torch-cuda: A1111's default 'GPU' "
+                             "and 'NV'), from each image's seed")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="default: bfloat16 on TPU/GPU, float32 on CPU")
+    parser.add_argument("--parallel", choices=("pmap", "mesh"), default="mesh",
+                        help="data parallelism over the local devices: jit over a device mesh, or pmap")
+    parser.add_argument("--out", default="outputs",
+                        help="output folder: images are numbered as in A1111, NNNNN-SEED.png with each "
+                             "image's own seed, the counter continuing from the highest number in the folder, "
+                             "so nothing is overwritten; or a .png file name (NAME_I.png for several images), "
+                             "refused if it exists unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="fixed file names that replace existing files: sdjax_SEED_I.png in the --out "
+                             "folder, or the --out .png name")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    low, high = inputs.LORA_SCALE_RANGE
     parser.add_argument("--lora", action="append", default=[], metavar="FILE",
-                        help="a LoRA file (diffusers/PEFT or kohya/A1111); repeat for several")
+                        help="a LoRA file (diffusers/PEFT or kohya/A1111); repeat for several (default: none)")
     parser.add_argument("--lora-scale", action="append", type=float, default=[], metavar="SCALE",
-                        help="scale of each --lora, in order (default 1.0)")
+                        help=f"scale of each --lora, in order, {low:g}..{high:g} (default: 1.0 each)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="diffusers folder, hub repo id, or single-file checkpoint (.safetensors/.ckpt) "
+                             "(default: the built-in model)")
+    parser.add_argument("--config", default=None,
+                        help="configuration of a single-file --model: a preset name (sd15, sd21-v, ...), a "
+                             "diffusers folder or an LDM .yaml (default: the file's own metadata, a .yaml "
+                             "beside it, else inferred from its shapes)")
 
 
 def _add_train_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image folder with same-name .txt captions or metadata.jsonl")
     parser.add_argument("--out", required=True, help="output folder (adapter files, checkpoint, log, samples)")
-    parser.add_argument("--model", default=None, help="diffusers folder or hub repo id (default: the built-in model)")
+    _add_model_options(parser)
     parser.add_argument("--caption-from-folder-name", action="store_true",
                         help="caption images that have none with their folder's name")
     parser.add_argument("--resolution", type=int, default=None, help="training image side (default: model native)")
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument("--targets", default="attention",
                         help="U-Net layer groups, comma separated: attention, feed_forward, proj, conv")
@@ -67,21 +134,24 @@ def _add_train_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=1, help="images per micro-batch, over all devices")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--caption-dropout", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    parser.add_argument("--caption-dropout", type=float, default=0.0,
+                        help="share of captions replaced by the empty prompt (for classifier-free guidance)")
     parser.add_argument("--cache-latents", action="store_true", help="encode the images with the VAE once")
     parser.add_argument("--base-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="frozen base weights (default: bfloat16 on TPU/GPU, float32 on CPU)")
-    parser.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
+                        help="data parallelism over the local devices")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and data order")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps")
+    parser.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
     parser.add_argument("--sample-every", type=int, default=0, help="write sample images every N steps")
-    parser.add_argument("--sample-prompt", action="append", default=[], dest="sample_prompts")
-    parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--sample-prompt", action="append", default=[], dest="sample_prompts",
+                        help="prompt of the sample images; repeat for several (default: none)")
+    parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps of the sample images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # Image-conditioned commands: (help, default strength).
@@ -90,6 +160,12 @@ IMAGE_COMMANDS = {
     "inpaint": ("repaint the white part of --mask in --image", 1.0),
     "depth2img": ("image to image keeping --image's depth layout (needs a depth model)", 0.8),
 }
+
+
+def _add_from_png_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from-png", default=None, metavar="IMAGE",
+                        help="regenerate the image a PNG's infotext describes (sdjax's or AUTOMATIC1111's): its "
+                             "prompt, sampler, steps, guidance, seed, size and noise; give its LoRAs with --lora")
 
 
 def _add_image_options(parser: argparse.ArgumentParser, command: str, strength: float) -> None:
@@ -107,25 +183,30 @@ def _add_image_options(parser: argparse.ArgumentParser, command: str, strength: 
                             help="depth map: a .npy (H, W) array or a grayscale image, larger = nearer "
                                  "(default: estimated by the model's depth estimator)")
     parser.add_argument("--strength", type=float, default=strength,
-                        help=f"how much to change, 0..1: share of the steps that run (default {strength})")
+                        help=f"how much to change, 0..1: share of the steps that run (default: {strength})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
+    parser = ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_generation_options(commands.add_parser("generate", help="text to image"))
+    generate = commands.add_parser("generate", help="text to image")
+    _add_generation_options(generate)
+    _add_from_png_option(generate)
     for command, (text, strength) in IMAGE_COMMANDS.items():
         _add_image_options(commands.add_parser(command, help=text), command, strength)
     convert = commands.add_parser("convert", help="diffusers folder <-> single .safetensors file, either way")
     convert.add_argument("source", help="a diffusers folder, or a .safetensors/.ckpt single file")
     convert.add_argument("target", help="a .safetensors file name, or a folder to write the diffusers layout to")
-    convert.add_argument("--config", default=None, help="config override for single files (preset name or folder)")
-    convert.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES)
+    convert.add_argument("--config", default=None,
+                         help="config of a single-file source: preset name, diffusers folder or LDM .yaml "
+                              "(default: the file's metadata, a .yaml beside it, else inferred)")
+    convert.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                         help="override a single file's prediction type (default: from its config or metadata)")
     convert.add_argument("--ema", action="store_true", help="use the model_ema.* weights of a single file")
-    convert.add_argument("--dtype", choices=DTYPES, default="float32")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     _add_train_lora_options(commands.add_parser("train-lora", help="train a LoRA on a folder of captioned images"))
     info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
-    info.add_argument("--model", default=None)
+    _add_model_options(info)
     return parser
 
 
@@ -139,47 +220,106 @@ def enable_compilation_cache() -> Path:
     return cache
 
 
-def load_model(model: Optional[str], dtype: Optional[str] = None):
+def load_model(model: Optional[str], dtype: Optional[str] = None, config: Optional[str] = None):
+    """--model / --config / --dtype -> a model (``StableDiffusion.load``), its errors naming the flags."""
+    try:
+        return StableDiffusion.load(model, config=config, dtype=dtype)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model {model}: {e}" if model else str(e)) from None
+    except ValueError as e:
+        raise ValueError(str(e).replace("config=", "--config").replace("no model was", "no --model was")) from None
+
+
+# --- checks before any model is loaded ----------------------------------------------------------------------
+
+
+def check_generation_args(args) -> None:
+    """Every numeric flag finite and in range, named as the flag (the API names its arguments)."""
+    inputs.check_integer("--steps", args.steps, 1, inputs.MAX_STEPS)
+    inputs.check_number("--guidance", args.guidance, *inputs.GUIDANCE_RANGE)
+    inputs.check_integer("--seed", args.seed, inputs.SEED_RANGE[0], inputs.SEED_RANGE[1] - 1)
+    inputs.check_integer("-n/--num-images", args.num_images, 1)
+    if args.seed + args.num_images > inputs.SEED_RANGE[1]:
+        raise ValueError(f"--seed {args.seed} with -n {args.num_images}: image i takes seed + i, which must stay "
+                         f"below 2**32; use --seed {inputs.SEED_RANGE[1] - args.num_images} or lower")
+    if args.size is not None:
+        for name, value in zip(("width", "height"), args.size):
+            if value <= 0 or value % SIZE_FACTOR:
+                lower = max(SIZE_FACTOR, value - value % SIZE_FACTOR)
+                raise ValueError(
+                    f"--size {args.size[0]}x{args.size[1]}: {name} {value} must be a positive multiple of "
+                    f"{SIZE_FACTOR} (the VAE's downsampling factor); nearest valid: {lower} or {lower + SIZE_FACTOR}"
+                )
+    if hasattr(args, "strength"):
+        inputs.check_number("--strength", args.strength, *inputs.STRENGTH_RANGE)
+    if len(args.lora_scale) > len(args.lora):
+        raise ValueError(f"got {len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files")
+    for scale in args.lora_scale:
+        inputs.check_number("--lora-scale", scale, *inputs.LORA_SCALE_RANGE)
+    for file in args.lora:
+        if not Path(file).expanduser().exists():
+            raise FileNotFoundError(f"--lora file not found: {file}")
+    try:  # the library's own check of the name (and whatever names it accepts), with a default config
+        name, options = sampler_choice(args)
+        samplers.make_schedule(name, SchedulerConfig(), 1, **options)
+    except ValueError as e:
+        raise ValueError(f"--scheduler {args.scheduler!r}: {e}") from None
+
+
+def sampler_choice(args) -> tuple[str, dict]:
+    """The sdjax sampler and options of --scheduler, --schedule-type and --quantize (or --from-png's)."""
+    options = dict(getattr(args, "scheduler_options", None) or {})
+    if args.quantize:
+        options["quantize"] = True
+    return samplers.resolve_sampler(args.scheduler, args.schedule_type, options)
+
+
+def model_record(model: Optional[str]) -> tuple[str, Optional[str]]:
+    """The infotext's ``Model`` and ``Model hash``: A1111's hash (SHA-256 of the file, 10 digits) for a single
+    file; a folder or hub id has no file to hash."""
     if model is None:
-        return StableDiffusion.default(dtype=dtype)
-    return StableDiffusion.from_pretrained(model, dtype=dtype)
+        return "sdjax-builtin", None
+    if single_file.is_single_file(model):
+        return Path(model).stem, infotext.model_hash(Path(model).expanduser())
+    return Path(model).name or model, None
 
 
-def output_paths(out: str, count: int, seed: int) -> list[Path]:
-    target = Path(out)
-    if target.suffix.lower() == ".png":
-        if count == 1:
-            return [target]
-        return [target.with_name(f"{target.stem}_{i}.png") for i in range(count)]
-    return [target / f"sdjax_{seed}_{i}.png" for i in range(count)]
-
-
-def png_parameters(args, width: int, height: int, seed: int) -> str:
-    """The A1111-style ``parameters`` text other Stable Diffusion tools read back."""
-    lines = [args.prompt]
-    if args.negative:
-        lines.append(f"Negative prompt: {args.negative}")
-    lines.append(
-        f"Steps: {args.steps}, Sampler: {args.scheduler}, CFG scale: {args.guidance}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {args.model or 'sdjax-builtin'}, Generator: sdjax"
-    )
-    return "\n".join(lines)
-
-
-def save_images(images, paths: list[Path], texts: list[str]) -> None:
-    for image, path, text in zip(images, paths, texts):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", text)
-        image.save(path, pnginfo=info)
-        print(path)
-
-
-def load_loras(sd, files: Sequence[str], scales: Sequence[float]) -> None:
+def load_loras(sd, files: Sequence[str], scales: Sequence[float]) -> tuple[LoraRecord, ...]:
+    """Load each --lora under its file name (as A1111's <lora:NAME:scale> names it); returns their records."""
     if len(scales) > len(files):
         raise ValueError(f"got {len(scales)} --lora-scale values for {len(files)} --lora files")
+    records = []
     for i, file in enumerate(files):
-        sd.load_lora(file, scale=scales[i] if i < len(scales) else 1.0, name=f"{i}_{Path(file).stem}")
+        name, scale = Path(file).stem, scales[i] if i < len(scales) else 1.0
+        if any(record.name == name for record in records):
+            name = f"{name}_{i}"
+        try:
+            sd.load_lora(file, scale=scale, name=name)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--lora {file}: {e}") from None
+        except ValueError as e:  # CheckpointError too: corrupt, truncated or not a LoRA
+            raise ValueError(f"--lora {file}: {e}") from None
+        records.append(LoraRecord(name, scale, infotext.lora_hash(Path(file).expanduser())))
+    return tuple(records)
+
+
+def image_infotexts(args, sd, loras, width: int, height: int, count: int, strength=None) -> list[str]:
+    """Each image's A1111 infotext (``sdjax.recipe.Recipe``): its own seed, the sampler by A1111 name and
+    schedule type, the model and its hash, the LoRAs; image commands add the denoising strength."""
+    name, options = sampler_choice(args)
+    model, model_hash = model_record(args.model)
+    texts = []
+    for position, seed in enumerate(inputs.image_seeds(args.seed, count)):
+        recipe = Recipe(prompt=args.prompt, negative_prompt=args.negative or "", steps=args.steps, scheduler=name,
+                        guidance_scale=args.guidance, seed=int(seed), width=width, height=height, noise=args.noise,
+                        scheduler_options=tuple(sorted(options.items())), loras=loras, model=model,
+                        model_hash=model_hash, batch_size=count, batch_pos=position)
+        parameters = recipe.to_parameters()
+        if strength is not None:
+            extra = parameters.extra + (("Mode", args.command),)
+            parameters = dataclasses.replace(parameters, denoising_strength=strength, extra=extra)
+        texts.append(infotext.format_infotext(parameters))
+    return texts
 
 
 def generation_options(args, width, height) -> dict:
@@ -191,30 +331,69 @@ def generation_options(args, width, height) -> dict:
         height=height,
         width=width,
         seed=args.seed,
-        scheduler=args.scheduler,
+        scheduler=sampler_choice(args)[0],
+        scheduler_options=sampler_choice(args)[1],
+        noise=args.noise,
         parallel_mode=args.parallel,
         progress=not args.no_progress,
     )
 
 
-def cmd_generate(args) -> int:
-    enable_compilation_cache()
-    sd = load_model(args.model, args.dtype)
-    load_loras(sd, args.lora, args.lora_scale)
+def prepare_model(args):
+    """Load the model and LoRAs (``prepare`` then refuses a request that cannot fit in device memory)."""
+    sd = load_model(args.model, args.dtype, args.config)
+    loras = load_loras(sd, args.lora, args.lora_scale)
+    if getattr(args, "recipe", None) is not None:
+        check_loras_loaded(sd, args.recipe)
+        loras = tuple(dataclasses.replace(r, scale=sd.lora_adapters[r.name]) for r in loras)
     sd.executor.verbose = True
+    return sd, loras
+
+
+def apply_recipe(args) -> None:
+    """--from-png: the PNG's recorded settings replace the generation flags (one image)."""
+    if args.prompt is not None:
+        raise ValueError("give either a prompt or --from-png (which brings its own prompt), not both")
+    try:
+        args.recipe = read_recipe(Path(args.from_png).expanduser())
+    except ValueError as e:
+        raise ValueError(f"--from-png {args.from_png}: {e}") from None
+    recipe = args.recipe
+    args.prompt, args.negative, args.steps, args.guidance = recipe.prompt, recipe.negative_prompt, recipe.steps, \
+        recipe.guidance_scale
+    args.scheduler, args.schedule_type, args.quantize = recipe.scheduler, None, False
+    args.scheduler_options = dict(recipe.scheduler_options)
+    args.size, args.noise = (recipe.width, recipe.height), recipe.noise
+    args.seed, args.num_images = recipe.seed - recipe.batch_pos, recipe.batch_size  # the image's whole batch
+
+
+def cmd_generate(args) -> int:
+    if args.from_png is not None:
+        apply_recipe(args)
+    elif args.prompt is None:
+        raise ValueError("give a prompt (or --from-png IMAGE to regenerate an image from its infotext)")
+    check_generation_args(args)
+    outputs.check_output(args)
+    enable_compilation_cache()
+    sd, loras = prepare_model(args)
     width, height = args.size if args.size else (sd.native_size, sd.native_size)
     images = sd.text_to_image(args.prompt, args.negative, **generation_options(args, width, height))
-    paths = output_paths(args.out, len(images), args.seed)
-    texts = [png_parameters(args, width, height, args.seed) + f", Image index: {i}" for i in range(len(images))]
-    save_images(images, paths, texts)
+    texts = image_infotexts(args, sd, loras, width, height, len(images))
+    if args.from_png is not None:  # only the image the PNG holds, from its batch
+        position = args.recipe.batch_pos
+        images, texts, args.seed = images[position:position + 1], texts[position:position + 1], args.recipe.seed
+    outputs.save_images(images, texts, args)
     return 0
 
 
 def _open_image(path: str, flag: str):
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} file not found: {path}")
-    image = Image.open(path)
-    image.load()
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated or corrupt files
+        raise ValueError(f"{flag} {path} is not a readable image ({e})") from None
     return image
 
 
@@ -224,19 +403,29 @@ def _open_depth(path: Optional[str]):
     if Path(path).suffix.lower() == ".npy":
         if not Path(path).is_file():
             raise FileNotFoundError(f"--depth file not found: {path}")
-        return np.load(path)
+        try:
+            depth = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--depth {path} is not a readable .npy array ({e})") from None
+        if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number) or not np.all(np.isfinite(depth)):
+            raise ValueError(
+                f"--depth {path} must hold a finite (H, W) numeric array, got shape {depth.shape} {depth.dtype}"
+            )
+        return depth
     return _open_image(path, "--depth")
 
 
 def cmd_image(args) -> int:
     """img2img, inpaint and depth2img: the generate options plus the input image(s) and strength."""
-    enable_compilation_cache()
+    if args.prompt is None:
+        raise ValueError("give a prompt: what the image should become")
+    check_generation_args(args)
     image = _open_image(args.image, "--image")
     mask = _open_image(args.mask, "--mask") if args.command == "inpaint" else None
     depth = _open_depth(args.depth) if args.command == "depth2img" else None
-    sd = load_model(args.model, args.dtype)
-    load_loras(sd, args.lora, args.lora_scale)
-    sd.executor.verbose = True
+    outputs.check_output(args)
+    enable_compilation_cache()
+    sd, loras = prepare_model(args)
     width, height = args.size if args.size else (None, None)
     options = generation_options(args, width, height)
     if args.command == "img2img":
@@ -249,10 +438,8 @@ def cmd_image(args) -> int:
     else:
         images = sd.depth_to_image(args.prompt, image, depth, args.strength, args.negative, **options)
     width, height = images[0].size
-    paths = output_paths(args.out, len(images), args.seed)
-    text = png_parameters(args, width, height, args.seed)
-    text += f", Denoising strength: {args.strength}, Mode: {args.command}"
-    save_images(images, paths, [text + f", Image index: {i}" for i in range(len(images))])
+    texts = image_infotexts(args, sd, loras, width, height, len(images), strength=args.strength)
+    outputs.save_images(images, texts, args)
     return 0
 
 
@@ -284,7 +471,7 @@ def cmd_info(args) -> int:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
     for device in jax.devices():
         print(f"  device {device.id}: {device.device_kind} ({device.platform})")
-    sd = load_model(args.model)
+    sd = load_model(args.model, config=args.config)
     config = sd.config
     print(f"model: {args.model or 'built-in'}")
     print(f"  native size: {sd.native_size}px, dtype {sd.dtype}")
@@ -312,15 +499,32 @@ COMMANDS = {
 }
 
 
+def error_lines(command: str, error: BaseException) -> str:
+    """``sdjax COMMAND: error: <first line>`` plus, for longer messages, one ``hint:`` line."""
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.filename and error.filename not in message:
+        message = f"{message}: {error.filename}"
+    first, _, rest = message.partition("\n")
+    text = f"sdjax {command}: error: {first}"
+    rest = " ".join(rest.split())
+    return text + (f"\nhint: {rest}" if rest else "")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"sdjax: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "guidance", 0) is None:
         args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else DEFAULT_GUIDANCE_SCALE
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sdjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning, no source line
+        try:
+            return COMMANDS[args.command](args)
+        except (ValueError, OSError) as e:  # FileNotFoundError, HubUnreachableError, CheckpointError, PIL errors
+            print(error_lines(args.command, e), file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +77,10 @@ class Request:
     """One generation batch: the traced inputs of ``generate`` (leading axis: images) and its mode.
 
     ``cond_ids`` / ``uncond_ids`` (B, 77) int32 token ids, ``keys`` (B, 2) uint32 per-image keys,
-    ``guidance`` (B,) fp32; ``noise`` (B, h, w, c) initial latents when the caller gave them (else
-    drawn from the keys); ``image`` for the image modes; ``lora_scales`` {adapter name: (B,)} when
+    ``guidance`` (B,) fp32; ``noise`` (B, h, w, c) initial latents when the caller gave them or a torch
+    noise source drew them (else drawn from the keys); ``step_noise`` (B, E, h, w, c) the noise a
+    stochastic sampler adds at each image's 1st, 2nd, ... run evaluation, when a torch noise source drew it
+    (else drawn from the keys); ``image`` for the image modes; ``lora_scales`` {adapter name: (B,)} when
     the parameters hold unfused LoRA adapters. ``mode`` is static.
     """
 
@@ -88,6 +90,7 @@ class Request:
     keys: jax.Array
     guidance: jax.Array
     noise: Optional[jax.Array] = None
+    step_noise: Optional[jax.Array] = None
     image: Optional[ImageCondition] = None
     lora_scales: Optional[dict] = None
 
@@ -105,7 +108,7 @@ jax.tree_util.register_dataclass(
 )
 jax.tree_util.register_dataclass(
     Request,
-    data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "image", "lora_scales"],
+    data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales"],
     meta_fields=["mode"],
 )
 
@@ -166,15 +169,30 @@ def encode_images(models: Models, params, pixels: jax.Array, noise: Optional[jax
 def decode_latents(models: Models, params, latents: jax.Array, overlay=None) -> jax.Array:
     """Scaled latents -> uint8 NHWC images (converted on device: 4x less to transfer than fp32).
 
-    ``overlay``: (pixels in [-1, 1], keep weights (B, H, W, 1)) composited over the decoded images."""
+    ``overlay``: (pixels in [-1, 1], keep weights (B, H, W, 1)) composited over the decoded images.
+    ``decoded_images`` also says which images were finite before the conversion."""
+    return decoded_images(models, params, latents, overlay).pixels
+
+
+class DecodedImages(NamedTuple):
+    """uint8 NHWC pixels, and per image whether the decoder's output was finite (NaN/inf turn into plain
+    colours in uint8, so this is the only place they can be seen)."""
+
+    pixels: jax.Array
+    finite: jax.Array
+
+
+def decoded_images(models: Models, params, latents: jax.Array, overlay=None) -> DecodedImages:
+    """``decode_latents`` with the per-image finite flag."""
     latents = latents / models.scaling_factor + models.shift_factor
     images = models.vae.apply({"params": params["vae"]}, latents.astype(models.vae.dtype), method="decode")
     images = images.astype(jnp.float32)
     if overlay is not None:
         original, keep = overlay
         images = images * (1.0 - keep) + original * keep
+    finite = jnp.all(jnp.isfinite(images), axis=tuple(range(1, images.ndim)))
     images = jnp.clip((images + 1.0) * 127.5, 0.0, 255.0)
-    return jnp.round(images).astype(jnp.uint8)
+    return DecodedImages(jnp.round(images).astype(jnp.uint8), finite)
 
 
 def image_normals(keys: jax.Array, stream: KeyStream, shape: tuple) -> jax.Array:
@@ -235,6 +253,14 @@ def merge_loaded_lora(params, lora_scales: Optional[dict]):
     return lora.merge_lora(base, [(adapters[name], lora_scales[name][0]) for name in sorted(adapters)])
 
 
+def drawn_step_noise(step_noise: jax.Array, first: jax.Array, i) -> jax.Array:
+    """The noise of evaluation ``i`` from per-image tables of draws: image b's (i - first_b)-th entry, so
+    an image that starts late (image-to-image strength) still takes its draws from the first one on."""
+    count, draws = step_noise.shape[:2]
+    index = jnp.clip(i - jnp.broadcast_to(first, (count,)), 0, draws - 1)
+    return jax.vmap(lambda table, k: table[k])(step_noise, index)
+
+
 def begin(params, request: Request, schedule: Schedule, program: Program) -> Denoising:
     """Encode the prompts, draw or take the initial noise and build the image conditioning."""
     params = merge_loaded_lora(params, request.lora_scales)
@@ -267,19 +293,22 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
     model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
     sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, KeyStream.SAMPLER))(request.keys)
     after_step = None if carry.known is None else partial(blend_known_region, schedule, carry.known)
-    sampler = sample_evaluations(model_fn, carry.sampler, sampler_keys, schedule, evaluations, after_step=after_step)
+    noise_fn = None if request.step_noise is None else partial(drawn_step_noise, request.step_noise, carry.sampler.first)
+    sampler = sample_evaluations(
+        model_fn, carry.sampler, sampler_keys, schedule, evaluations, noise_fn=noise_fn, after_step=after_step
+    )
     return dataclasses.replace(carry, sampler=sampler)
 
 
 def finish(params, request: Request, schedule: Schedule, program: Program, carry: Denoising):
-    """The final latents, or decoded images (inpainting: the input's own pixels outside the mask)."""
+    """The final latents, or ``DecodedImages`` (inpainting: the input's own pixels outside the mask)."""
     latents = carry.sampler.x
     if program.output == "latent":
         return latents
     params = merge_loaded_lora(params, request.lora_scales)
     if request.mode == Mode.INPAINT:  # the input's own pixels outside the mask, not their VAE round trip
-        return decode_latents(program.models, params, latents, overlay=(request.image.pixels, request.image.keep))
-    return decode_latents(program.models, params, latents)
+        return decoded_images(program.models, params, latents, overlay=(request.image.pixels, request.image.keep))
+    return decoded_images(program.models, params, latents)
 
 
 def generate(params, request: Request, schedule: Schedule, program: Program):

@@ -314,9 +314,7 @@ def config_from_args(args) -> LoRATrainConfig:
 def run_from_args(args) -> int:
     config = config_from_args(args)
     paths, captions = data.load_image_folder(args.data, caption_from_folder_name=args.caption_from_folder_name)
-    sd = StableDiffusion.default(dtype=args.base_dtype) if args.model is None else StableDiffusion.from_pretrained(
-        args.model, dtype=args.base_dtype
-    )
+    sd = StableDiffusion.load(args.model, config=args.config, dtype=args.base_dtype)
     images = data.load_images(paths, args.resolution or sd.native_size)
     print(f"{len(images)} images from {args.data}; training {config.steps} steps", flush=True)
     started = time.time()

@@ -258,3 +258,24 @@ def torch_generator(source: str, seed: int) -> TorchCPUGenerator | PhiloxGenerat
 def torch_randn(source: str, seed: int, shape: int | Sequence[int]) -> np.ndarray:
     """One ``randn(shape)`` draw from a fresh ``torch_generator(source, seed)``."""
     return torch_generator(source, seed).randn(shape)
+
+
+def image_noise(
+    source: str, seeds: Sequence[int], latent_shape: Sequence[int], step_draws: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Initial and per-step noise drawn as AUTOMATIC1111 (its ``ImageRNG``) and diffusers (a list of
+    generators, one per image) draw it: image i has its own generator seeded with ``seeds[i]``; its first
+    draw, NCHW ``(c, h, w)`` as torch draws latents, is the initial noise, and ``step_draws`` further draws
+    of that shape are the noise a stochastic sampler adds, in order.
+
+    ``latent_shape`` is sdjax's NHWC ``(h, w, c)``; returns ``(noise (B, h, w, c), steps (B, step_draws,
+    h, w, c) or None)`` in float32.
+    """
+    h, w, c = latent_shape
+    initial, steps = [], []
+    for seed in seeds:
+        generator = torch_generator(source, int(seed))
+        initial.append(generator.randn((c, h, w)).transpose(1, 2, 0))
+        if step_draws:
+            steps.append(np.stack([generator.randn((c, h, w)).transpose(1, 2, 0) for _ in range(step_draws)]))
+    return np.stack(initial), (np.stack(steps) if step_draws else None)

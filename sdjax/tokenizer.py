@@ -5,10 +5,15 @@ Stable Diffusion 1.x, so the built-in model and tests work without a download. I
 scripts/build_tokenizer_vocab.py.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
-import transformers
+
+# transformers prints "None of PyTorch, TensorFlow >= 2.0, or Flax have been found..." on import when no
+# framework is installed; sdjax uses only its tokenizers, so the advice is noise on every command.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import transformers  # noqa: E402
 
 _REQUIRED_FILES = ("vocab.json", "merges.txt")
 

@@ -29,7 +29,8 @@ def test_generate_writes_png_with_parameters_and_is_reproducible(tiny_pipeline_d
     assert image.size == (64, 48)
     text = image.text["parameters"]
     assert text.startswith("a red circle on a blue background\nNegative prompt: blurry\n")
-    assert "Steps: 3, Sampler: euler, CFG scale: 7.5, Seed: 7, Size: 64x48" in text
+    assert "Steps: 3, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.5, Seed: 7, Size: 64x48" in text
+    assert "sdjax sampler: euler" in text
     sdjax(*common, "--out", tmp_path / "b.png", cache_dir=tmp_path / "cache")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert any((tmp_path / "cache").iterdir()), "the persistent compilation cache was not written"
@@ -39,7 +40,7 @@ def test_generate_several_images_into_a_folder(tiny_pipeline_dir, tmp_path):
     result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--steps", "2", "-n", "3", "--parallel", "pmap",
                    "--no-progress", "--out", tmp_path / "out", cache_dir=tmp_path / "cache")
     paths = sorted((tmp_path / "out").glob("*.png"))
-    assert [p.name for p in paths] == ["sdjax_0_0.png", "sdjax_0_1.png", "sdjax_0_2.png"]
+    assert [p.name for p in paths] == ["00000-0.png", "00001-1.png", "00002-2.png"]  # A1111: NNNNN-SEED
     assert "step 1/2" not in result.stderr
     arrays = [np.asarray(Image.open(p)) for p in paths]
     assert not np.array_equal(arrays[0], arrays[1])
@@ -48,11 +49,12 @@ def test_generate_several_images_into_a_folder(tiny_pipeline_dir, tmp_path):
 def test_bad_arguments_give_clear_errors(tiny_pipeline_dir, tmp_path):
     result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--size", "60x64", cache_dir=tmp_path, check=False)
     assert result.returncode == 2
-    assert "width=60 is not a multiple of the VAE's downsampling factor 8; nearest valid sizes: 56 or 64" in result.stderr
+    assert "--size 60x64: width 60 must be a positive multiple of 8 (the VAE's downsampling factor); nearest valid: " \
+           "56 or 64" in result.stderr
     result = sdjax("generate", "a cat", "--model", tmp_path / "missing", cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "model folder not found" in result.stderr
     result = sdjax("generate", "a cat", "--model", tiny_pipeline_dir, "--scheduler", "nope", cache_dir=tmp_path, check=False)
-    assert result.returncode == 2 and "unknown scheduler 'nope'" in result.stderr
+    assert result.returncode == 2 and "--scheduler 'nope': unknown sampler 'nope'" in result.stderr
     result = sdjax("generate", "a cat", "--size", "big", cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "size must look like WIDTHxHEIGHT" in result.stderr
 

@@ -24,14 +24,15 @@ def test_img2img_and_inpaint_write_pngs_with_parameters(tiny_pipeline_dir, input
           cache_dir=inputs / "cache")
     image = Image.open(inputs / "a.png")
     assert image.size == (64, 64)
-    assert "Steps: 4, Sampler: ddim" in image.text["parameters"]
-    assert "Denoising strength: 0.5, Mode: img2img, Image index: 0" in image.text["parameters"]
+    assert "Steps: 4, Sampler: DDIM" in image.text["parameters"] and "sdjax sampler: ddim" in image.text["parameters"]
+    assert "Denoising strength: 0.5" in image.text["parameters"]
     sdjax("inpaint", "a green square", *common, "--mask", inputs / "mask.png", "-n", "2", "--size", "48x64",
           "--out", inputs / "out", cache_dir=inputs / "cache")
     paths = sorted((inputs / "out").glob("*.png"))
-    assert [p.name for p in paths] == ["sdjax_5_0.png", "sdjax_5_1.png"]
+    assert [p.name for p in paths] == ["00000-5.png", "00001-6.png"]
     assert Image.open(paths[1]).size == (48, 64)
-    assert "Mode: inpaint, Image index: 1" in Image.open(paths[1]).text["parameters"]
+    assert "Mode: inpaint" in Image.open(paths[1]).text["parameters"]
+    assert "Batch size: 2, Batch pos: 1" in Image.open(paths[1]).text["parameters"]
 
 
 def test_image_commands_give_clear_errors(tiny_pipeline_dir, inputs):
@@ -40,7 +41,7 @@ def test_image_commands_give_clear_errors(tiny_pipeline_dir, inputs):
     assert result.returncode == 2 and "--image file not found" in result.stderr
     result = sdjax("img2img", "a cat", "--model", tiny_pipeline_dir, "--image", inputs / "in.png", "--strength", "1.5",
                    cache_dir=inputs, check=False)
-    assert result.returncode == 2 and "strength must be in [0, 1]" in result.stderr
+    assert result.returncode == 2 and "--strength must be a finite number in [0, 1], got 1.5" in result.stderr
     result = sdjax("depth2img", "a cat", "--model", tiny_pipeline_dir, "--image", inputs / "in.png", cache_dir=inputs,
                    check=False)
     assert result.returncode == 2 and "depth_to_image needs a U-Net with 5 input channels" in result.stderr
