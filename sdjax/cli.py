@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from sdjax import infotext, inputs, outputs, samplers, single_file
-from sdjax.config import PREDICTION_TYPES, SchedulerConfig
+from sdjax.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
 from sdjax.lora_train import run_from_args
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
 from sdjax.infotext import LoraRecord
@@ -82,6 +82,9 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
                         help="A1111's schedule type: k-diffusion's sigma grid for Euler, Euler a, LMS, Heun and "
                              "DPM++ (Automatic = the sampler's own A1111 default; default: for sdjax names the "
                              "diffusers grid, for A1111 names Automatic)")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="diffusers' timestep spacing (default: the model's scheduler config, else the "
+                             "sampler's diffusers default)")
     parser.add_argument("--quantize", action="store_true",
                         help="A1111's 'Enable quantization in K samplers': U-Net timesteps rounded to integers")
     parser.add_argument("--noise", choices=NOISE_SOURCES, default="jax",
@@ -271,6 +274,8 @@ def sampler_choice(args) -> tuple[str, dict]:
     options = dict(getattr(args, "scheduler_options", None) or {})
     if args.quantize:
         options["quantize"] = True
+    if getattr(args, "timestep_spacing", None) is not None:
+        options["timestep_spacing"] = args.timestep_spacing
     return samplers.resolve_sampler(args.scheduler, args.schedule_type, options)
 
 
@@ -361,7 +366,7 @@ def apply_recipe(args) -> None:
     recipe = args.recipe
     args.prompt, args.negative, args.steps, args.guidance = recipe.prompt, recipe.negative_prompt, recipe.steps, \
         recipe.guidance_scale
-    args.scheduler, args.schedule_type, args.quantize = recipe.scheduler, None, False
+    args.scheduler, args.schedule_type, args.quantize, args.timestep_spacing = recipe.scheduler, None, False, None
     args.scheduler_options = dict(recipe.scheduler_options)
     args.size, args.noise = (recipe.width, recipe.height), recipe.noise
     args.seed, args.num_images = recipe.seed - recipe.batch_pos, recipe.batch_size  # the image's whole batch

@@ -184,21 +184,26 @@ def classifier_free_guidance(
     ``rescale_noise_cfg``) blends in the guided output rescaled to the conditional output's
     per-image standard deviation; a literal 0 skips it.
     """
-    skip_rescale = isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0
     context = jnp.concatenate([uncond_context, cond_context], axis=0)
 
     def model_fn(x, t):
         out = unet_fn(jnp.concatenate([x, x], axis=0), t, context).astype(jnp.float32)
         uncond, cond = jnp.split(out, 2, axis=0)
-        scale = per_sample(jnp.asarray(guidance_scale, jnp.float32), x.ndim)
-        guided = uncond + scale * (cond - uncond)
-        if skip_rescale:
-            return guided
-        axes = tuple(range(1, x.ndim))
-        std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
-        std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
-        rescale = per_sample(jnp.asarray(guidance_rescale, jnp.float32), x.ndim)
-        return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
+        return guide(uncond, cond, guidance_scale, guidance_rescale)
 
     return model_fn
+
+
+def guide(uncond: jax.Array, cond: jax.Array, guidance_scale, guidance_rescale=0.0) -> jax.Array:
+    """Classifier-free guidance of computed outputs (B, ...) fp32: uncond + scale * (cond - uncond), then the
+    optional rescale of ``classifier_free_guidance`` (a literal 0 skips it). Scales: scalar or per image."""
+    scale = per_sample(jnp.asarray(guidance_scale, jnp.float32), cond.ndim)
+    guided = uncond + scale * (cond - uncond)
+    if isinstance(guidance_rescale, (int, float)) and guidance_rescale == 0:
+        return guided
+    axes = tuple(range(1, cond.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    rescale = per_sample(jnp.asarray(guidance_rescale, jnp.float32), cond.ndim)
+    return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
 
