@@ -131,7 +131,7 @@ def test_image_to_image_matches_diffusers(sd, tiny_pipeline_dir, monkeypatch, st
         prompt=PROMPTS, image=init_images(), strength=strength, guidance_scale=7.5,
     )
     latents = sd.image_to_image(
-        PROMPTS, init_images(), strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
+        PROMPTS, init_images(), strength, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise, output="latent"
     )
     err = rel_err(decode_unit(sd, latents), expected)
     print(f"img2img strength {strength}: rel err {err:.2e}")
@@ -149,7 +149,7 @@ def test_inpainting_model_matches_diffusers(sd_inpaint, tiny_inpaint_dir, monkey
         prompt=PROMPTS, image=init_images(), mask_image=masks(), strength=strength, guidance_scale=7.5,
     )
     latents = sd_inpaint.inpaint(
-        PROMPTS, init_images(), masks(), strength=strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
+        PROMPTS, init_images(), masks(), strength=strength, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise, output="latent"
     )
     err = rel_err(decode_unit(sd_inpaint, latents), expected)
     print(f"inpaint 9-channel strength {strength}: rel err {err:.2e}")
@@ -188,7 +188,7 @@ def test_depth_to_image_matches_diffusers(sd_depth, tiny_depth_dir, monkeypatch,
         guidance_scale=7.5,
     )
     latents = sd_depth.depth_to_image(
-        PROMPTS, init_images(), depth_maps(), strength, steps=STEPS, seed=SEED, latents=noise, output="latent"
+        PROMPTS, init_images(), depth_maps(), strength, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise, output="latent"
     )
     err = rel_err(decode_unit(sd_depth, latents), expected)
     print(f"depth2img strength {strength}: rel err {err:.2e}")
@@ -377,7 +377,7 @@ def test_depth_estimator_matches_diffusers(tiny_depth_dir, tmp_path, monkeypatch
         pipe, "pipeline_stable_diffusion_depth2img", monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), strength=0.75, guidance_scale=7.5,
     )
-    latents = sd.depth_to_image(PROMPTS, init_images(), strength=0.75, steps=STEPS, seed=SEED, latents=noise,
+    latents = sd.depth_to_image(PROMPTS, init_images(), strength=0.75, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise,
                                 output="latent")
     err = rel_err(decode_unit(sd, latents), expected)
     print(f"depth2img with the depth estimator: rel err {err:.2e}")
