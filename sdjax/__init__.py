@@ -16,4 +16,4 @@ from sdjax.config import (
 
 __version__ = "0.1.0"
 from sdjax.pipeline import StableDiffusion
-from sdjax import parts, recipe  # noqa: E402  (the low-level parts; infotext recipes)
+from sdjax import parts, prompt, recipe  # noqa: E402  (the low-level parts; prompt syntax; infotext recipes)

@@ -20,6 +20,7 @@ from sdjax.lora_train import run_from_args
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
 from sdjax.infotext import LoraRecord
 from sdjax.noise import NOISE_SOURCES
+from sdjax.prompt import SYNTAXES
 from sdjax.recipe import Recipe, check_loras_loaded, read_recipe
 from sdjax.samplers import A1111_SAMPLERS, SCHEDULE_TYPES, SCHEDULERS
 
@@ -109,6 +110,15 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
                         help="a LoRA file (diffusers/PEFT or kohya/A1111); repeat for several (default: none)")
     parser.add_argument("--lora-scale", action="append", type=float, default=[], metavar="SCALE",
                         help=f"scale of each --lora, in order, {low:g}..{high:g} (default: 1.0 each)")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                        help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); "
+                             "its file name without extension is the prompt token; repeat for several "
+                             "(default: none)")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="A1111's Clip skip: 2 = the text encoder's penultimate layer (default: the model's own)")
+    parser.add_argument("--prompt-syntax", choices=SYNTAXES, default="a1111",
+                        help="prompt weighting: A1111's (red:1.3) [blurry] BREAK, compel's red++ (red)1.3, or "
+                             "plain text")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +272,11 @@ def check_generation_args(args) -> None:
     for file in args.lora:
         if not Path(file).expanduser().exists():
             raise FileNotFoundError(f"--lora file not found: {file}")
+    for file in args.embedding:
+        if not Path(file).expanduser().is_file():
+            raise FileNotFoundError(f"--embedding file not found: {file}")
+    if args.clip_skip is not None:
+        inputs.check_integer("--clip-skip", args.clip_skip, 1)
     try:  # the library's own check of the name (and whatever names it accepts), with a default config
         name, options = sampler_choice(args)
         samplers.make_schedule(name, SchedulerConfig(), 1, **options)
@@ -318,7 +333,8 @@ def image_infotexts(args, sd, loras, width: int, height: int, count: int, streng
         recipe = Recipe(prompt=args.prompt, negative_prompt=args.negative or "", steps=args.steps, scheduler=name,
                         guidance_scale=args.guidance, seed=int(seed), width=width, height=height, noise=args.noise,
                         scheduler_options=tuple(sorted(options.items())), loras=loras, model=model,
-                        model_hash=model_hash, batch_size=count, batch_pos=position)
+                        model_hash=model_hash, batch_size=count, batch_pos=position,
+                        clip_skip=args.clip_skip or sd.config.clip_skip + 1, prompt_syntax=args.prompt_syntax)
         parameters = recipe.to_parameters()
         if strength is not None:
             extra = parameters.extra + (("Mode", args.command),)
@@ -339,6 +355,8 @@ def generation_options(args, width, height) -> dict:
         scheduler=sampler_choice(args)[0],
         scheduler_options=sampler_choice(args)[1],
         noise=args.noise,
+        clip_skip=args.clip_skip,
+        prompt_syntax=args.prompt_syntax,
         parallel_mode=args.parallel,
         progress=not args.no_progress,
     )
@@ -348,6 +366,11 @@ def prepare_model(args):
     """Load the model and LoRAs (``prepare`` then refuses a request that cannot fit in device memory)."""
     sd = load_model(args.model, args.dtype, args.config)
     loras = load_loras(sd, args.lora, args.lora_scale)
+    for file in args.embedding:
+        try:
+            sd.load_embedding(Path(file).expanduser())
+        except ValueError as e:
+            raise ValueError(f"--embedding {file}: {e}") from None
     if getattr(args, "recipe", None) is not None:
         check_loras_loaded(sd, args.recipe)
         loras = tuple(dataclasses.replace(r, scale=sd.lora_adapters[r.name]) for r in loras)
@@ -369,6 +392,7 @@ def apply_recipe(args) -> None:
     args.scheduler, args.schedule_type, args.quantize, args.timestep_spacing = recipe.scheduler, None, False, None
     args.scheduler_options = dict(recipe.scheduler_options)
     args.size, args.noise = (recipe.width, recipe.height), recipe.noise
+    args.clip_skip, args.prompt_syntax = recipe.clip_skip, recipe.prompt_syntax
     args.seed, args.num_images = recipe.seed - recipe.batch_pos, recipe.batch_size  # the image's whole batch
 
 

@@ -76,12 +76,16 @@ class ImageCondition:
 class Request:
     """One generation batch: the traced inputs of ``generate`` (leading axis: images) and its mode.
 
-    ``cond_ids`` / ``uncond_ids`` (B, 77) int32 token ids, ``keys`` (B, 2) uint32 per-image keys,
+    ``cond_ids`` / ``uncond_ids`` (B, 77k) int32 token ids, k chunks of 77 each encoded alone
+    (``sdjax.prompt``), ``keys`` (B, 2) uint32 per-image keys,
     ``guidance`` (B,) fp32; ``noise`` (B, h, w, c) initial latents when the caller gave them or a torch
     noise source drew them (else drawn from the keys); ``step_noise`` (B, E, h, w, c) the noise a
     stochastic sampler adds at each image's 1st, 2nd, ... run evaluation, when a torch noise source drew it
     (else drawn from the keys); ``image`` for the image modes; ``lora_scales`` {adapter name: (B,)} when
-    the parameters hold unfused LoRA adapters. ``mode`` is static.
+    the parameters hold unfused LoRA adapters. ``cond_weights`` / ``uncond_weights`` (B, 77k) fp32: each
+    token's prompt weight (``sdjax.prompt``; None: all 1); ``empty_ids`` (B, 77) the empty prompt's ids,
+    which compel's weighting measures from. ``mode`` and ``weighting`` ("a1111" | "compel",
+    ``apply_prompt_weights``) are static.
     """
 
     mode: Mode
@@ -93,6 +97,10 @@ class Request:
     step_noise: Optional[jax.Array] = None
     image: Optional[ImageCondition] = None
     lora_scales: Optional[dict] = None
+    cond_weights: Optional[jax.Array] = None
+    uncond_weights: Optional[jax.Array] = None
+    empty_ids: Optional[jax.Array] = None
+    weighting: str = "a1111"
 
     @property
     def size(self) -> int:
@@ -108,8 +116,9 @@ jax.tree_util.register_dataclass(
 )
 jax.tree_util.register_dataclass(
     Request,
-    data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales"],
-    meta_fields=["mode"],
+    data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales",
+                 "cond_weights", "uncond_weights", "empty_ids"],
+    meta_fields=["mode", "weighting"],
 )
 
 
@@ -152,8 +161,56 @@ jax.tree_util.register_dataclass(
 )
 
 
-def encode_prompts(models: Models, params, ids: jax.Array) -> jax.Array:
-    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, skip_layers=models.clip_skip)
+def encode_prompts(models: Models, params, ids: jax.Array, weights: Optional[jax.Array] = None,
+                   weighting: str = "a1111", empty_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Token ids (B, 77k) -> the U-Net's context (B, 77k, D): each 77-token chunk encoded alone (as
+    AUTOMATIC1111 encodes long prompts), textual-inversion rows from ``params["embeddings"]`` when
+    loaded, then the per-token ``weights`` applied (``apply_prompt_weights``)."""
+    batch, length = ids.shape
+    chunk = models.text_encoder.config.max_position_embeddings
+    if length % chunk:
+        raise ValueError(f"token ids of length {length} are not whole chunks of {chunk} tokens")
+    added = params.get("embeddings")
+    context = models.text_encoder.apply(
+        {"params": params["text_encoder"]}, ids.reshape(-1, chunk), skip_layers=models.clip_skip,
+        added_tokens=added,
+    )
+    context = context.reshape(batch, length, context.shape[-1])
+    if weights is None:
+        return context
+    empty = None
+    if weighting == "compel":
+        empty = models.text_encoder.apply(
+            {"params": params["text_encoder"]}, empty_ids, skip_layers=models.clip_skip, added_tokens=added
+        )
+    return apply_prompt_weights(context, weights, weighting, empty)
+
+
+def apply_prompt_weights(context: jax.Array, weights: jax.Array, weighting: str = "a1111",
+                         empty: Optional[jax.Array] = None) -> jax.Array:
+    """Per-token weights (B, 77k) on encoded prompts (B, 77k, D), chunk by chunk; a chunk whose weights are
+    all 1 is returned unchanged, bit for bit.
+
+    "a1111" (AUTOMATIC1111's "Original" emphasis): ``z * w`` rescaled so its mean over the chunk's tokens
+    and features is the original's. "compel": ``empty + (z - empty) * w`` with ``empty`` (B, 77, D) the
+    encoded empty prompt, as compel weights up (it weights down differently: see ``sdjax.prompt``).
+    """
+    batch, length, width = context.shape
+    chunks = length // 77
+    z = context.astype(jnp.float32).reshape(batch, chunks, 77, width)
+    w = weights.astype(jnp.float32).reshape(batch, chunks, 77, 1)
+    if weighting == "compel":
+        base = empty.astype(jnp.float32)[:, None]
+        weighted = jnp.where(w == 1.0, z, base + (z - base) * w)  # compel leaves 1-weighted tokens exact
+    elif weighting == "a1111":
+        original_mean = jnp.mean(z, axis=(2, 3), keepdims=True)
+        weighted = z * w
+        weighted = weighted * (original_mean / jnp.mean(weighted, axis=(2, 3), keepdims=True))
+    else:
+        raise ValueError(f"prompt weighting {weighting!r} is not known; accepted: 'a1111', 'compel'")
+    plain = jnp.all(w == 1.0, axis=(2, 3), keepdims=True)
+    weighted = jnp.where(plain, context.reshape(batch, chunks, 77, width), weighted.astype(context.dtype))
+    return weighted.reshape(batch, length, width)
 
 
 def encode_images(models: Models, params, pixels: jax.Array, noise: Optional[jax.Array] = None) -> jax.Array:
@@ -265,7 +322,12 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
     """Encode the prompts, draw or take the initial noise and build the image conditioning."""
     params = merge_loaded_lora(params, request.lora_scales)
     models, count = program.models, request.size
-    context = encode_prompts(models, params, jnp.concatenate([request.uncond_ids, request.cond_ids]))
+    weights = None
+    if request.cond_weights is not None:
+        weights = jnp.concatenate([request.uncond_weights, request.cond_weights])
+    empty_ids = None if request.empty_ids is None else jnp.concatenate([request.empty_ids, request.empty_ids])
+    context = encode_prompts(models, params, jnp.concatenate([request.uncond_ids, request.cond_ids]), weights,
+                             request.weighting, empty_ids)
     if request.noise is not None:
         noise = request.noise.astype(jnp.float32)
     else:

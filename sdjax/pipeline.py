@@ -33,6 +33,8 @@ from sdjax.generate import (
     progress_chunk,
 )
 from sdjax.inputs import Prompt
+from sdjax.layouts.textual_inversion import read_embedding
+from sdjax.prompt import Embedding, Fragment, check_syntax, prompt_chunks, tokenize_prompts
 from sdjax.noise import check_noise_source, image_noise
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -100,6 +102,7 @@ class StableDiffusion:
         self.depth_estimator: Optional[DepthEstimator] = None  # used by depth_to_image without a depth map
         self._lora_scales: dict[str, float] = {}
         self._unfused_kernels: dict[tuple, Any] = {}  # base kernels that fuse_lora replaced, for unload_lora
+        self._embeddings: dict[str, Embedding] = {}  # textual-inversion tokens, rows of params["embeddings"]
 
     # --- loading and saving --------------------------------------------------------------------------------
 
@@ -256,6 +259,66 @@ class StableDiffusion:
         self._lora_scales = {}
         self._unfused_kernels = {}
 
+    # --- textual inversion ----------------------------------------------------------------------------------
+
+    def load_embedding(self, path, token: Optional[str] = None) -> str:
+        """Load a textual-inversion embedding (A1111 ``.pt`` / ``.safetensors``, diffusers
+        ``learned_embeds.safetensors`` / ``.bin``, SDXL ``clip_l``; ``sdjax.layouts.textual_inversion``) under
+        ``token`` (default: the file name without extension, as A1111 names it); returns the token.
+
+        Its vectors become new rows of the token embedding table past the vocabulary, and the token, written
+        anywhere in a prompt (weighted or not), stands for them (n vectors: n token ids). Loading another
+        token grows the table, so the next generation compiles once. A token of that name already loaded is
+        replaced. ``ValueError`` for vectors of another text encoder's width or a token that is already one
+        word of the tokenizer's vocabulary."""
+        vectors, _ = read_embedding(path, self.config.text_encoder.hidden_size)
+        token = Path(path).stem if token is None else token
+        if not isinstance(token, str) or not token.strip() or token != token.strip():
+            raise ValueError(f"embedding token must be a non-empty string without surrounding spaces, got {token!r}")
+        name_ids = tuple(self.tokenizer(token, add_special_tokens=False, verbose=False)["input_ids"])
+        if len(name_ids) == 1:
+            raise ValueError(f"embedding token {token!r} is already a word of the tokenizer's vocabulary (id "
+                             f"{name_ids[0]}), so prompts using that word would change; choose another token "
+                             "(load_embedding(path, token='<my-token>'))")
+        entries = {**self._embeddings, token: Embedding(token, vectors, 0, name_ids)}
+        self._set_embeddings(entries)
+        return token
+
+    def unload_embedding(self, token: Optional[str] = None) -> None:
+        """Forget the embedding ``token``, or with no token every loaded embedding."""
+        if token is not None and token not in self._embeddings:
+            raise ValueError(f"no embedding named {token!r}; loaded: {sorted(self._embeddings) or 'none'}")
+        self._set_embeddings({} if token is None else {k: v for k, v in self._embeddings.items() if k != token})
+
+    @property
+    def embeddings(self) -> dict[str, int]:
+        """{token: number of vectors} of the loaded textual-inversion embeddings."""
+        return {name: len(e.vectors) for name, e in self._embeddings.items()}
+
+    def _set_embeddings(self, entries: dict) -> None:
+        first, placed = self.config.text_encoder.vocab_size, {}
+        for name, entry in entries.items():
+            placed[name] = dataclasses.replace(entry, first_id=first)
+            first += len(entry.vectors)
+        params = {k: v for k, v in self.params.items() if k != "embeddings"}
+        if placed:
+            table = np.concatenate([e.vectors for e in placed.values()])
+            params["embeddings"] = jnp.asarray(table, self.dtype)
+        self.params, self._embeddings = params, placed
+
+    def tokenize_prompts(self, prompts: Sequence[str], negatives: Sequence[str], syntax: str = "a1111"):
+        """Ids and weights (``sdjax.prompt.TokenizedPrompts``) of prompts and negative prompts, both padded to
+        the same number of 77-token chunks (its bucket, ``sdjax.prompt.chunk_bucket``)."""
+        embeddings = list(self._embeddings.values())
+        cond = tokenize_prompts(self.tokenizer, list(prompts), syntax, embeddings)
+        uncond = tokenize_prompts(self.tokenizer, list(negatives), syntax, embeddings)
+        chunks = max(cond.ids.shape[1], uncond.ids.shape[1]) // 77
+        if cond.ids.shape[1] // 77 != chunks:
+            cond = tokenize_prompts(self.tokenizer, list(prompts), syntax, embeddings, min_chunks=chunks)
+        if uncond.ids.shape[1] // 77 != chunks:
+            uncond = tokenize_prompts(self.tokenizer, list(negatives), syntax, embeddings, min_chunks=chunks)
+        return cond, uncond
+
     def _lora_scales_per_image(self, count: int) -> Optional[dict]:
         if "lora" not in self.params:
             return None
@@ -266,11 +329,22 @@ class StableDiffusion:
     @property
     def models(self) -> Models:
         """The Flax modules and latent scaling ``sdjax.generate`` runs (hashable: a static jit argument)."""
+        return self.models_for()
+
+    def models_for(self, clip_skip: Optional[int] = None) -> Models:
+        """``models`` with AUTOMATIC1111's "Clip skip" ``clip_skip`` (1 = the last layer, 2 = the
+        penultimate, ...; None = the model's own). A layer count is a compile-time value: each clip skip
+        is its own program."""
+        if clip_skip is None:
+            skip = self.config.clip_skip
+        else:
+            layers = self.config.text_encoder.num_hidden_layers
+            skip = inputs.check_integer("clip_skip", clip_skip, 1, layers) - 1
         return Models(
             self.text_encoder,
             self.unet,
             self.vae,
-            self.config.clip_skip,
+            skip,
             float(self.config.vae.scaling_factor),
             float(self.config.vae.shift_factor or 0.0),
         )
@@ -315,7 +389,10 @@ class StableDiffusion:
         ``latents`` (the initial noise, NHWC, unscaled), ``noise`` ("jax" | "torch-cpu" | "torch-cuda": where
         the initial and per-step noise come from; the torch sources draw as torch does from each image's
         seed, seed + i in a batch, as AUTOMATIC1111 and diffusers with one generator per image do),
-        ``output`` ("pil" | "np" | "latent"), ``progress`` (False).
+        ``output`` ("pil" | "np" | "latent"), ``progress`` (False), ``prompt_syntax`` ("a1111" | "compel" |
+        "plain": weighting such as ``(red:1.3)``, ``BREAK``; ``sdjax.prompt``; prompts past 75 tokens are
+        encoded in chunks of 77 as AUTOMATIC1111 does), ``clip_skip`` (A1111's "Clip skip": 2 = the text
+        encoder's penultimate layer; None = the model's own; each value compiles its own program).
         ``parallel_mode``: "mesh" (default) or "pmap".
         """
         return self.run(self.prepare(Mode.TEXT_TO_IMAGE, prompt, negative_prompt, **options), parallel_mode)
@@ -424,6 +501,8 @@ class StableDiffusion:
         noise: str = "jax",
         output: str = "pil",
         progress: bool = False,
+        prompt_syntax: str = "a1111",
+        clip_skip: Optional[int] = None,
     ) -> Job:
         """Validate and convert one request of ``mode`` (a ``sdjax.generate.Mode`` or its value) into the
         ``Job`` that ``run`` executes; every argument as in the mode's method (``text_to_image``, ...)."""
@@ -436,6 +515,8 @@ class StableDiffusion:
         inputs.check_knobs(steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                            lora_scales=self._lora_scales)
         inputs.check_output(output)
+        check_syntax(prompt_syntax)
+        models = self.models_for(clip_skip)
         scheduler, options = samplers.resolve_sampler(scheduler, schedule_type, scheduler_options)
         schedule = samplers.make_schedule(scheduler, self.config.scheduler, steps, **options)
         if mode == Mode.TEXT_TO_IMAGE:
@@ -448,10 +529,17 @@ class StableDiffusion:
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         count = len(prompts)
         self._check_memory(*size, count)
+        cond, uncond = self.tokenize_prompts(prompts, negatives, prompt_syntax)
+        compel = prompt_syntax == "compel"
         request = Request(
             mode=mode,
-            cond_ids=self.tokenize(prompts),
-            uncond_ids=self.tokenize(negatives),
+            cond_ids=cond.ids,
+            uncond_ids=uncond.ids,
+            cond_weights=cond.weights,
+            uncond_weights=uncond.weights,
+            weighting="compel" if compel else "a1111",
+            empty_ids=np.tile(np.asarray(prompt_chunks(self.tokenizer, [Fragment("")])[0][0], np.int32), (count, 1))
+            if compel else None,
             keys=inputs.image_keys(seed, count),
             guidance=inputs.per_image("guidance_scale", guidance_scale, count),
             noise=None if latents is None else inputs.check_latents(latents, count, latent_shape),
@@ -469,7 +557,7 @@ class StableDiffusion:
                 mask, depth_map, binarize_mask, keep_unmasked,
             )
             request = dataclasses.replace(request, image=condition)
-        return Job(request, schedule, Program(self.models, latent_shape, output), progress=bool(progress))
+        return Job(request, schedule, Program(models, latent_shape, output), progress=bool(progress))
 
     def run(self, job: Job, parallel_mode: Optional[str] = None):
         """Execute a prepared ``Job`` on this model's devices; returns what its ``output`` asked for.

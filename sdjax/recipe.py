@@ -18,12 +18,14 @@ from typing import Optional, Union
 
 import sdjax
 from sdjax import samplers
+from sdjax.prompt import SYNTAXES
 from sdjax.infotext import GenerationParameters, LoraRecord, format_infotext, parse_infotext, read_png_infotext
 
 # sdjax noise source -> A1111's "RNG" value; A1111 writes no RNG for its default, "GPU".
 RNG_NAMES = {"jax": "sdjax-jax", "torch-cpu": "CPU", "torch-cuda": "NV"}
 _NOISE_OF_RNG = {"sdjax-jax": "jax", "CPU": "torch-cpu", "NV": "torch-cuda", "GPU": "torch-cuda"}
 SAMPLER_FIELD, OPTIONS_FIELD = "sdjax sampler", "sdjax options"
+CLIP_SKIP_FIELD, SYNTAX_FIELD = "Clip skip", "sdjax prompt syntax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +52,16 @@ class Recipe:
     model_hash: Optional[str] = None
     batch_size: int = 1
     batch_pos: int = 0
+    clip_skip: int = 1  # A1111's "Clip skip" (1 = the text encoder's last layer), written when not 1
+    prompt_syntax: str = "a1111"  # sdjax.prompt syntax, written as "sdjax prompt syntax" when not A1111's
 
     def generate_options(self) -> dict:
         """Keyword arguments of ``StableDiffusion.text_to_image`` (besides prompt and negative prompt) that
         make the whole batch the image came from; it is image ``batch_pos`` of the result."""
         return dict(steps=self.steps, scheduler=self.scheduler, scheduler_options=dict(self.scheduler_options),
                     guidance_scale=self.guidance_scale, seed=self.seed - self.batch_pos, width=self.width,
-                    height=self.height, noise=self.noise, num_images_per_prompt=self.batch_size)
+                    height=self.height, noise=self.noise, num_images_per_prompt=self.batch_size,
+                    clip_skip=self.clip_skip, prompt_syntax=self.prompt_syntax)
 
     def to_parameters(self) -> GenerationParameters:
         options = dict(self.scheduler_options)
@@ -66,6 +71,10 @@ class Recipe:
             extra.append((OPTIONS_FIELD, json.dumps(options, sort_keys=True)))
         if self.batch_size > 1:
             extra += [("Batch size", str(self.batch_size)), ("Batch pos", str(self.batch_pos))]
+        if self.clip_skip != 1:
+            extra.append((CLIP_SKIP_FIELD, str(self.clip_skip)))
+        if self.prompt_syntax != "a1111":
+            extra.append((SYNTAX_FIELD, self.prompt_syntax))
         return GenerationParameters(
             prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, sampler=sampler,
             schedule_type=schedule_type, cfg_scale=float(self.guidance_scale), seed=self.seed, width=self.width,
@@ -102,6 +111,15 @@ class Recipe:
                              f"{extra.get('Batch pos')!r}") from None
         if not 0 <= batch_pos < batch_size or batch_pos > params.seed:
             raise ValueError(f"Batch pos {batch_pos} does not fit Batch size {batch_size} and Seed {params.seed}")
+        try:
+            clip_skip = int(extra.get(CLIP_SKIP_FIELD, 1))
+        except ValueError:
+            clip_skip = 0
+        if clip_skip < 1:
+            raise ValueError(f"bad Clip skip in the infotext: {extra.get(CLIP_SKIP_FIELD)!r}; expected an integer >= 1")
+        syntax = extra.get(SYNTAX_FIELD, "a1111")
+        if syntax not in SYNTAXES:
+            raise ValueError(f"unknown {SYNTAX_FIELD} {syntax!r} in the infotext; accepted: {', '.join(SYNTAXES)}")
         rng = params.rng or "GPU"
         if rng not in _NOISE_OF_RNG:
             raise ValueError(f"unknown RNG {rng!r} in the infotext; accepted: {', '.join(_NOISE_OF_RNG)}")
@@ -110,6 +128,7 @@ class Recipe:
             guidance_scale=params.cfg_scale, seed=params.seed, width=params.width, height=params.height,
             noise=_NOISE_OF_RNG[rng], scheduler_options=tuple(sorted(options.items())), loras=params.loras,
             model=params.model, model_hash=params.model_hash, batch_size=batch_size, batch_pos=batch_pos,
+            clip_skip=clip_skip, prompt_syntax=syntax,
         )
 
 

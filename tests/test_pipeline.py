@@ -104,13 +104,14 @@ def test_new_prompts_seeds_and_guidance_do_not_recompile(sd):
     assert sd.executor.compile_count() == count + 1  # the step count is a shape: it does recompile
 
 
-def test_long_prompt_is_truncated_with_a_warning(sd):
-    prompt = " ".join(["word"] * 100)
+def test_long_prompt_is_encoded_in_chunks_without_a_warning(sd):
+    prompt = " ".join(["word"] * 100)  # 100 tokens: two chunks of 77, as AUTOMATIC1111 encodes it (#20)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sd.text_to_image(prompt, steps=1, scheduler="ddim", output="latent")
-    messages = [str(w.message) for w in caught]
-    assert any("25 token(s) were dropped" in m for m in messages), messages
+        job = sd.prepare("text_to_image", prompt, steps=1, scheduler="ddim", output="latent")
+        sd.run(job)
+    assert job.request.cond_ids.shape == (1, 154) and job.request.uncond_ids.shape == (1, 154)
+    assert not [w for w in caught if "dropped" in str(w.message)]
 
 
 @pytest.mark.parametrize(

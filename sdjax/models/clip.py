@@ -49,11 +49,18 @@ class CLIPTextEmbeddings(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, added_tokens: Optional[jax.Array] = None) -> jax.Array:
+        """``added_tokens`` (N, D): the vectors of token ids vocab_size .. vocab_size + N - 1 (textual
+        inversion), appended to the token embedding table."""
         embed = functools.partial(
             nn.Embed, features=self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        tokens = embed(self.config.vocab_size, name="token_embedding")(input_ids)
+        token_embedding = embed(self.config.vocab_size, name="token_embedding")
+        if added_tokens is None:
+            tokens = token_embedding(input_ids)
+        else:
+            table = jnp.concatenate([token_embedding.embedding, added_tokens.astype(self.param_dtype)])
+            tokens = jnp.take(table, input_ids, axis=0).astype(self.dtype)
         positions = embed(self.config.max_position_embeddings, name="position_embedding")(
             jnp.arange(input_ids.shape[-1])
         )
@@ -155,7 +162,9 @@ class CLIPTextModel(nn.Module):
     """transformers ``CLIPTextModel``: token ids (B, T) -> final-layer-normed hidden states (B, T, D).
 
     ``skip_layers=k`` drops the last k encoder layers before the final layer norm, which is
-    diffusers' ``clip_skip=k`` (hidden_states[-(k + 1)] through final_layer_norm).
+    diffusers' ``clip_skip=k`` (hidden_states[-(k + 1)] through final_layer_norm) and AUTOMATIC1111's
+    "Clip skip" k + 1 (for SD 1.x; A1111 also applies the final layer norm). ``added_tokens`` (N, D):
+    textual-inversion vectors for token ids from ``vocab_size`` on.
     """
 
     config: CLIPTextConfig
@@ -172,10 +181,11 @@ class CLIPTextModel(nn.Module):
             epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
-    def __call__(self, input_ids: jax.Array, skip_layers: int = 0) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, skip_layers: int = 0, added_tokens: Optional[jax.Array] = None
+                 ) -> jax.Array:
         self._check_inputs(input_ids, skip_layers)
         num_layers = self.config.num_hidden_layers - skip_layers
-        layer_outputs = self.encoder(self.embeddings(input_ids), num_layers)
+        layer_outputs = self.encoder(self.embeddings(input_ids, added_tokens), num_layers)
         return self.final_layer_norm(layer_outputs[-1])
 
     def encode_with_pooled(self, input_ids: jax.Array, skip_layers: int = 0) -> tuple[jax.Array, jax.Array]:
