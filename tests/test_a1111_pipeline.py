@@ -111,19 +111,27 @@ def released_config_dir(tiny_pipeline_dir, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", samplers.SCHEDULERS)
-def test_released_config_pipeline_matches_diffusers(released_config_dir, name):
+@pytest.fixture(scope="module")
+def released(released_config_dir):
+    """(diffusers pipeline, its scheduler config as loaded, sdjax model) of the released-config folder."""
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(released_config_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config), StableDiffusion.from_pretrained(released_config_dir, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("name", samplers.SCHEDULERS)
+def test_released_config_pipeline_matches_diffusers(released, name):
+    import diffusers
+
+    pipe, loaded_config, sd = released
     class_name, extra = samplers.DIFFUSERS_SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **extra)
+    pipe.scheduler = getattr(diffusers, class_name).from_config(loaded_config, **extra)  # as users swap samplers
     generators = [torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))]
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=12, guidance_scale=GUIDANCE,
                         generator=generators, output_type="latent").images.permute(0, 2, 3, 1).numpy()
-    sd = StableDiffusion.from_pretrained(released_config_dir, dtype=jnp.float32)
     ours = sd.text_to_image(PROMPTS, NEGATIVE, steps=12, guidance_scale=GUIDANCE, seed=SEED, scheduler=name,
                             noise="torch-cpu", output="latent")
     err = rel_err(ours, expected)

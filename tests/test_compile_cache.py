@@ -47,13 +47,13 @@ def builtin():
     return sdjax.StableDiffusion.default()
 
 
-@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "heun", "pndm"])
+@pytest.mark.parametrize("scheduler", ["euler_a", "heun"])  # stochastic; two evaluations per step
 def test_progress_chunks_give_the_same_images(builtin, scheduler, capsys):
     options = dict(steps=7, seed=[3, 4], scheduler=scheduler, output="np")
     whole = builtin.text_to_image(["a red circle", "a blue square"], **options)
     chunked = builtin.text_to_image(["a red circle", "a blue square"], progress=True, **options)
     np.testing.assert_array_equal(chunked, whole)
-    total = 13 if scheduler == "heun" else 8 if scheduler == "pndm" else 7
+    total = 13 if scheduler == "heun" else 7
     assert f"step {total}/{total}" in capsys.readouterr().err
 
 
