@@ -345,6 +345,7 @@ def image_infotexts(args, sd, loras, width: int, height: int, count: int, streng
 
 def generation_options(args, width, height) -> dict:
     """The keyword arguments every generation command passes through from the shared options."""
+    scheduler, scheduler_options = sampler_choice(args)
     return dict(
         num_images_per_prompt=args.num_images,
         steps=args.steps,
@@ -352,8 +353,8 @@ def generation_options(args, width, height) -> dict:
         height=height,
         width=width,
         seed=args.seed,
-        scheduler=sampler_choice(args)[0],
-        scheduler_options=sampler_choice(args)[1],
+        scheduler=scheduler,
+        scheduler_options=scheduler_options,
         noise=args.noise,
         clip_skip=args.clip_skip,
         prompt_syntax=args.prompt_syntax,
