@@ -21,6 +21,7 @@ from sdjax import lora, parallel, samplers
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
+from sdjax.prompt import Variants
 from sdjax.samplers import Schedule
 from sdjax.sampling import SamplerCarry, classifier_free_guidance, sample_evaluations, start_sampling
 
@@ -84,7 +85,8 @@ class Request:
     (else drawn from the keys); ``image`` for the image modes; ``lora_scales`` {adapter name: (B,)} when
     the parameters hold unfused LoRA adapters. ``cond_weights`` / ``uncond_weights`` (B, 77k) fp32: each
     token's prompt weight (``sdjax.prompt``; None: all 1); ``empty_ids`` (B, 77) the empty prompt's ids,
-    which compel's weighting measures from. ``mode`` and ``weighting`` ("a1111" | "compel",
+    which compel's weighting measures from; ``cond_variants`` / ``uncond_variants`` compel's extra encodings
+    (``sdjax.prompt.Variants``) when a prompt needs them. ``mode`` and ``weighting`` ("a1111" | "compel",
     ``apply_prompt_weights``) are static.
     """
 
@@ -100,6 +102,8 @@ class Request:
     cond_weights: Optional[jax.Array] = None
     uncond_weights: Optional[jax.Array] = None
     empty_ids: Optional[jax.Array] = None
+    cond_variants: Optional[Variants] = None
+    uncond_variants: Optional[Variants] = None
     weighting: str = "a1111"
 
     @property
@@ -117,7 +121,7 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     Request,
     data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales",
-                 "cond_weights", "uncond_weights", "empty_ids"],
+                 "cond_weights", "uncond_weights", "empty_ids", "cond_variants", "uncond_variants"],
     meta_fields=["mode", "weighting"],
 )
 
@@ -162,28 +166,56 @@ jax.tree_util.register_dataclass(
 
 
 def encode_prompts(models: Models, params, ids: jax.Array, weights: Optional[jax.Array] = None,
-                   weighting: str = "a1111", empty_ids: Optional[jax.Array] = None) -> jax.Array:
+                   weighting: str = "a1111", empty_ids: Optional[jax.Array] = None,
+                   variants: Optional[Variants] = None) -> jax.Array:
     """Token ids (B, 77k) -> the U-Net's context (B, 77k, D): each 77-token chunk encoded alone (as
     AUTOMATIC1111 encodes long prompts), textual-inversion rows from ``params["embeddings"]`` when
-    loaded, then the per-token ``weights`` applied (``apply_prompt_weights``)."""
+    loaded, then the per-token ``weights`` applied (``apply_prompt_weights``); compel's ``variants``
+    (``sdjax.prompt.Variants``, M per prompt) are encoded with their attention masks and weighted alike,
+    and each chunk becomes its mix of the prompt's own encoding and its variants' (``mix_variants``)."""
     batch, length = ids.shape
     chunk = models.text_encoder.config.max_position_embeddings
     if length % chunk:
         raise ValueError(f"token ids of length {length} are not whole chunks of {chunk} tokens")
     added = params.get("embeddings")
-    context = models.text_encoder.apply(
-        {"params": params["text_encoder"]}, ids.reshape(-1, chunk), skip_layers=models.clip_skip,
-        added_tokens=added,
-    )
-    context = context.reshape(batch, length, context.shape[-1])
+
+    def encode(token_ids, mask=None):
+        out = models.text_encoder.apply(
+            {"params": params["text_encoder"]}, token_ids.reshape(-1, chunk), skip_layers=models.clip_skip,
+            added_tokens=added, attention_mask=None if mask is None else mask.reshape(-1, chunk),
+        )
+        return out.reshape(token_ids.shape[0], -1, out.shape[-1])
+
+    context = encode(ids)
     if weights is None:
         return context
-    empty = None
-    if weighting == "compel":
-        empty = models.text_encoder.apply(
-            {"params": params["text_encoder"]}, empty_ids, skip_layers=models.clip_skip, added_tokens=added
-        )
-    return apply_prompt_weights(context, weights, weighting, empty)
+    empty = encode(empty_ids) if weighting == "compel" else None
+    context = apply_prompt_weights(context, weights, weighting, empty)
+    if variants is None:
+        return context
+    if weighting != "compel":
+        raise ValueError(f"prompt variants are compel's; the weighting is {weighting!r}")
+    count = variants.ids.shape[1]
+    extra = encode(variants.ids.reshape(batch * count, length), variants.masks.reshape(batch * count, length))
+    extra = apply_prompt_weights(extra, variants.weights.reshape(batch * count, length), weighting,
+                                 jnp.repeat(empty, count, axis=0))
+    return mix_variants(context, extra.reshape(batch, count, length, -1), variants.mix)
+
+
+jax.tree_util.register_dataclass(Variants, data_fields=["ids", "weights", "masks", "mix"], meta_fields=[])
+
+
+def mix_variants(context: jax.Array, variants: jax.Array, mix: jax.Array) -> jax.Array:
+    """compel's lerps and blends: per chunk, ``mix`` (B, 1 + M, k) weighs the encoded prompts (B, 77k, D)
+    and their encoded variants (B, M, 77k, D); a chunk mixed (1, 0, ..., 0) is returned unchanged."""
+    batch, length, width = context.shape
+    chunks = mix.shape[-1]
+    z = jnp.concatenate([context[:, None], variants], axis=1).astype(jnp.float32)
+    z = z.reshape(batch, -1, chunks, length // chunks, width)
+    mixed = jnp.sum(mix.astype(jnp.float32)[..., None, None] * z, axis=1)  # elementwise: full fp32 on any backend
+    own = (mix[:, 0] == 1.0) & jnp.all(mix[:, 1:] == 0.0, axis=1)
+    own_chunks = context.reshape(batch, chunks, length // chunks, width)
+    return jnp.where(own[..., None, None], own_chunks, mixed.astype(context.dtype)).reshape(batch, length, width)
 
 
 def apply_prompt_weights(context: jax.Array, weights: jax.Array, weighting: str = "a1111",
@@ -193,7 +225,8 @@ def apply_prompt_weights(context: jax.Array, weights: jax.Array, weighting: str 
 
     "a1111" (AUTOMATIC1111's "Original" emphasis): ``z * w`` rescaled so its mean over the chunk's tokens
     and features is the original's. "compel": ``empty + (z - empty) * w`` with ``empty`` (B, 77, D) the
-    encoded empty prompt, as compel weights up (it weights down differently: see ``sdjax.prompt``).
+    encoded empty prompt, as compel weights every token (its down-weighting then mixes in variants:
+    ``encode_prompts``).
     """
     batch, length, width = context.shape
     chunks = length // 77
@@ -326,8 +359,11 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
     if request.cond_weights is not None:
         weights = jnp.concatenate([request.uncond_weights, request.cond_weights])
     empty_ids = None if request.empty_ids is None else jnp.concatenate([request.empty_ids, request.empty_ids])
+    variants = None
+    if request.cond_variants is not None:
+        variants = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), request.uncond_variants, request.cond_variants)
     context = encode_prompts(models, params, jnp.concatenate([request.uncond_ids, request.cond_ids]), weights,
-                             request.weighting, empty_ids)
+                             request.weighting, empty_ids, variants)
     if request.noise is not None:
         noise = request.noise.astype(jnp.float32)
     else:

@@ -34,7 +34,7 @@ from sdjax.generate import (
 )
 from sdjax.inputs import Prompt
 from sdjax.layouts.textual_inversion import read_embedding
-from sdjax.prompt import Embedding, Fragment, check_syntax, prompt_chunks, tokenize_prompts
+from sdjax.prompt import Embedding, Fragment, check_syntax, prompt_chunks, tokenize_pair
 from sdjax.noise import check_noise_source, image_noise
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -272,7 +272,17 @@ class StableDiffusion:
         replaced. ``ValueError`` for vectors of another text encoder's width or a token that is already one
         word of the tokenizer's vocabulary."""
         vectors, _ = read_embedding(path, self.config.text_encoder.hidden_size)
-        token = Path(path).stem if token is None else token
+        return self.add_embedding(vectors, Path(path).stem if token is None else token)
+
+    def add_embedding(self, vectors, token: str) -> str:
+        """``load_embedding`` for vectors in memory: (n, width) or (width,) numbers under ``token``."""
+        width = self.config.text_encoder.hidden_size
+        vectors = np.asarray(vectors, np.float32)
+        vectors = vectors[None] if vectors.ndim == 1 else vectors
+        if vectors.ndim != 2 or vectors.shape[1] != width or not len(vectors):
+            raise ValueError(f"embedding vectors must be (vectors, {width}) for this text encoder, got {vectors.shape}")
+        if not np.all(np.isfinite(vectors)):
+            raise ValueError(f"embedding {token!r} holds NaN or infinite values")
         if not isinstance(token, str) or not token.strip() or token != token.strip():
             raise ValueError(f"embedding token must be a non-empty string without surrounding spaces, got {token!r}")
         name_ids = tuple(self.tokenizer(token, add_special_tokens=False, verbose=False)["input_ids"])
@@ -308,16 +318,9 @@ class StableDiffusion:
 
     def tokenize_prompts(self, prompts: Sequence[str], negatives: Sequence[str], syntax: str = "a1111"):
         """Ids and weights (``sdjax.prompt.TokenizedPrompts``) of prompts and negative prompts, both padded to
-        the same number of 77-token chunks (its bucket, ``sdjax.prompt.chunk_bucket``)."""
-        embeddings = list(self._embeddings.values())
-        cond = tokenize_prompts(self.tokenizer, list(prompts), syntax, embeddings)
-        uncond = tokenize_prompts(self.tokenizer, list(negatives), syntax, embeddings)
-        chunks = max(cond.ids.shape[1], uncond.ids.shape[1]) // 77
-        if cond.ids.shape[1] // 77 != chunks:
-            cond = tokenize_prompts(self.tokenizer, list(prompts), syntax, embeddings, min_chunks=chunks)
-        if uncond.ids.shape[1] // 77 != chunks:
-            uncond = tokenize_prompts(self.tokenizer, list(negatives), syntax, embeddings, min_chunks=chunks)
-        return cond, uncond
+        the same number of 77-token chunks (its bucket, ``sdjax.prompt.chunk_bucket``) and of compel's
+        variants (``sdjax.prompt.tokenize_pair``)."""
+        return tokenize_pair(self.tokenizer, list(prompts), list(negatives), syntax, list(self._embeddings.values()))
 
     def _lora_scales_per_image(self, count: int) -> Optional[dict]:
         if "lora" not in self.params:
@@ -540,6 +543,8 @@ class StableDiffusion:
             weighting="compel" if compel else "a1111",
             empty_ids=np.tile(np.asarray(prompt_chunks(self.tokenizer, [Fragment("")])[0][0], np.int32), (count, 1))
             if compel else None,
+            cond_variants=cond.variants,
+            uncond_variants=uncond.variants,
             keys=inputs.image_keys(seed, count),
             guidance=inputs.per_image("guidance_scale", guidance_scale, count),
             noise=None if latents is None else inputs.check_latents(latents, count, latent_shape),

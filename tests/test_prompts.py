@@ -1,10 +1,13 @@
-"""Prompt weighting, BREAK, long prompts and clip skip (#20) against an independent reference of A1111's rules.
+"""Prompt weighting, BREAK, long prompts and clip skip (#20) against an independent reference of A1111's rules,
+and compel's syntax and weighting against compel itself.
 
-The reference below is written from AUTOMATIC1111's documented behaviour (wiki "Features: Attention/emphasis",
-"BREAK", "Infinite prompt length"): a regex token stream over the prompt where "(" / "[" open ranges that
-their closing bracket multiplies by 1.1 / (1/1.1), ":w)" multiplies the innermost open round range by w,
-escapes are literal, and the encoder output is weighted per token then rescaled to the chunk's original mean.
-It is encoded with the PyTorch transformers CLIPTextModel of the tiny test pipeline.
+The reference below is written from AUTOMATIC1111's source (modules/prompt_parser.py ``parse_prompt_attention``,
+modules/sd_hijack_clip.py ``tokenize_line``): a regex token stream over the prompt where "(" / "[" open ranges that
+their closing bracket multiplies by 1.1 / (1/1.1), ":w)" multiplies the innermost open round range by w, escapes
+are literal and a lone backslash is dropped, every BREAK in a text run is an item ("BREAK", -1) that brackets
+weight like text, items of equal weight merge, and only an item ("BREAK", -1) ends a chunk; the encoder output is
+weighted per token then rescaled to the chunk's original mean. It is encoded with the PyTorch transformers
+CLIPTextModel of the tiny test pipeline.
 """
 
 import random
@@ -17,34 +20,41 @@ import pytest
 import torch
 
 from reference import rel_err
-from sdjax import generate, prompt
+from sdjax import generate, prompt, prompt_compel
 from sdjax.pipeline import StableDiffusion
 
 # --- the independent reference ---------------------------------------------------------------------------------
 
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
-_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:  # A1111 stops with this error; sdjax reads the weight as text
+        return None
 
 
 def reference_parse(text):
-    """[(text, weight)] with ("BREAK", None) for BREAK (outside brackets), merged by equal weight."""
+    """[[text, weight]] as A1111 parses a prompt: a BREAK is ["BREAK", -1], weighted by its brackets like any text,
+    and runs of equal weight merged (BREAKs included)."""
     out, round_open, square_open = [], [], []
 
     def times(start, factor):
         for item in out[start:]:
-            if item[1] is not None:
-                item[1] *= factor
+            item[1] *= factor
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
-        if len(tok) == 2 and tok[0] == "\\":
-            out.append([tok[1], 1.0])
+        if tok.startswith("\\"):
+            out.append([tok[1:], 1.0])
         elif tok == "(":
             round_open.append(len(out))
         elif tok == "[":
             square_open.append(len(out))
-        elif weight is not None and round_open:
-            times(round_open.pop(), float(weight))
+        elif weight is not None and round_open and _number(weight) is not None:
+            times(round_open.pop(), _number(weight))
         elif tok == ")" and round_open:
             times(round_open.pop(), 1.1)
         elif tok == "]" and square_open:
@@ -52,7 +62,7 @@ def reference_parse(text):
         else:
             for i, part in enumerate(_BREAK_WORD.split(tok)):
                 if i:
-                    out.append(["BREAK", None])
+                    out.append(["BREAK", -1])
                 out.append([part, 1.0])
     for start in round_open:
         times(start, 1.1)
@@ -60,11 +70,15 @@ def reference_parse(text):
         times(start, 1 / 1.1)
     merged = []
     for item in out or [["", 1.0]]:
-        if merged and item[1] is not None and merged[-1][1] == item[1]:
+        if merged and merged[-1][1] == item[1]:
             merged[-1][0] += item[0]
         else:
             merged.append(list(item))
     return merged
+
+
+def _is_break(text, weight):
+    return text == "BREAK" and weight == -1
 
 
 def reference_chunks(tokenizer, parsed, embeddings=None):
@@ -82,7 +96,7 @@ def reference_chunks(tokenizer, parsed, embeddings=None):
         cur, last_comma = [], -1
 
     for text, weight in parsed:
-        if weight is None:
+        if _is_break(text, weight):
             flush()
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -160,6 +174,14 @@ HAND_WRITTEN = [
     "two BREAK BREAK breaks",
     "lowercase break is text, BREAKfast is text",
     "(red:1.2) BREAK [blue] BREAK (green)",
+    "(a cat BREAK a dog)",
+    "[a cat BREAK a dog], outside BREAK (inside BREAK:1.3)",
+    "((two BREAK levels)) BREAK [[down BREAK here]]",
+    "(weight one BREAK still breaks:1) after",
+    "(negated BREAK:-1) and (zeroed BREAK out:0)",
+    "(BRE:-1)(AK:-1) joined",
+    "unclosed (bracket BREAK to the end",
+    "lone \\ backslash\\q and \\\\ escaped",
     "",
     "   ",
     "masterpiece, best quality, (ultra detailed:1.2), [lowres], 8k",
@@ -187,7 +209,7 @@ LONG = [
 ]
 
 PIECES = ["cat", "dog", "red", "blue", ",", "(", ")", "[", "]", ":1.4)", ":0.7)", "\\(", "\\)", " BREAK ",
-          "hill", "sky", "at night", "8k"]
+          "hill", "sky", "at night", "8k", "BREAK", "\\", ":-1)", ":1)"]
 
 
 def generated(count, seed=0):
@@ -233,15 +255,29 @@ def ours(sd, prompts, syntax="a1111", clip_skip=None):
     return cond, np.asarray(_encode(models, sd.params, cond.ids, cond.weights, "a1111"))
 
 
-def _fragments(parsed):
-    return [("BREAK", None) if f.is_break else (f.text, f.weight) for f in parsed]
-
-
 def test_parser_matches_the_reference():
     assert len(PROMPTS) >= 50
     for text in PROMPTS:
         expected = [(t, w) for t, w in reference_parse(text)]
-        assert _fragments(prompt.parse_a1111(text)) == expected, text
+        parsed = prompt.parse_a1111(text)
+        assert [(f.text, f.weight) for f in parsed] == expected, text
+        assert [f.is_break for f in parsed] == [_is_break(t, w) for t, w in expected], text
+
+
+def test_break_inside_brackets_is_weighted_text(sd):
+    """A1111: a BREAK inside brackets takes the bracket's weight, and only weight -1 breaks the chunk."""
+    def pairs(text):
+        return [(f.text, round(f.weight, 6), f.is_break) for f in prompt.parse_a1111(text)]
+
+    assert pairs("a cat BREAK a dog") == [("a cat", 1.0, False), ("BREAK", -1.0, True), ("a dog", 1.0, False)]
+    assert pairs("(a cat BREAK a dog)") == [("a cat", 1.1, False), ("BREAK", -1.1, False), ("a dog", 1.1, False)]
+    assert pairs("[x BREAK y]") == [("x", 0.909091, False), ("BREAK", -0.909091, False), ("y", 0.909091, False)]
+    assert pairs("(x BREAK y:1)")[1] == ("BREAK", -1.0, True)  # still -1: still a break
+    assert pairs("(BRE:-1)(AK:-1)") == [("BREAK", -1.0, True)]
+    assert pairs("(x BREAK y:0)") == [("xBREAKy", 0.0, False)]  # -0.0 == 0.0: merged into one word
+    assert pairs("lone \\ backslash\\q") == [("lone  backslashq", 1.0, False)]
+    cond, _ = sd.tokenize_prompts(["(a cat BREAK a dog)", "a cat BREAK a dog"], ["", ""])
+    assert cond.chunks == (1, 2)
 
 
 def test_conditioning_matches_the_reference(sd, text_model):
@@ -324,33 +360,147 @@ def test_clip_skip_in_the_api(sd):
 def test_errors(sd):
     with pytest.raises(ValueError, match="prompt_syntax='sd' is not known; accepted: 'a1111', 'compel', 'plain'"):
         sd.text_to_image("a cat", steps=1, prompt_syntax="sd")
-    with pytest.raises(ValueError, match=r"unclosed '\('"):
-        prompt.parse_compel("a (cat")
+    with pytest.raises(ValueError, match=r"\.swap\(\) \(cross-attention control\) is not supported"):
+        sd.text_to_image("a cat.swap(dog)", steps=1, prompt_syntax="compel")
+    with pytest.raises(ValueError, match=r"withLora\(\) is not supported"):
+        prompt.parse_compel("a cat withLora(style, 0.8)")
+    with pytest.raises(ValueError, match=r"\.blend\(\) of 2 prompts got 3 weights"):
+        prompt.parse_compel('("a cat", "a dog").blend(1, 2, 3)')
+    with pytest.raises(ValueError, match="combines several prompts; parse_compel gives its parts"):
+        prompt.parse('("a cat", "a dog").and()', "compel")
 
 
 # --- compel ---------------------------------------------------------------------------------------------------
 
-COMPEL_PROMPTS = ["a cat++ on a hill", "a (red cat)1.3 on a hill", "(a (small)+ dog)++ running",
-                  "plain words only", "a cat+ and a dog+++", "(sky)1.5, (sea)1.1"]
+COMPEL_PROMPTS = [
+    # up-weighting
+    "a cat++ on a hill", "a (red cat)1.3 on a hill", "(a (small)+ dog)++ running", "plain words only",
+    "a cat+ and a dog+++", "(sky)1.5, (sea)1.1",
+    # down-weighting: compel's masked re-encodings
+    "a cat-- on a hill", "a (red cat)0.5 on a hill", "a (red cat)0.5 on a (green hill)1.3",
+    "a cat- and a dog-- on a hill", "a cat- dog- on a hill", "(a (small)-- dog)0.8 running",
+    "(a (big)++ dog)0.7 running", '"a red"0.7 ball, sky.attend(0.6)', "(nothing)0 but a cat", "a cat-, a dog+",
+    # what compel reads as plain text
+    "a (cat", "x (a=b) y", "a \\(literal\\) bracket-",
+]
+COMPEL_COMBINED = [
+    '("a cat", "a dog").blend(0.3, 0.7)', '("a red cat-", "a dog++").blend(1, 2)',
+    '("a cat", "a dog").blend(1, 1, no_normalize)', '("a cat", "a (dog)0.5 on a hill").blend()',
+    '("a cat", "a dog").and()', '("a cat--", "a dog").and(1, 0.5)', '("a cat", "a (dog)0.6", "sky").and(0.8, 1, 1.2)',
+]
 
 
-def test_compel_syntax_and_upweighting_match_compel(sd, text_model):
+def _compel_parts(conjunction):
+    """compel's parse as (prompts, blend weights, normalize, weight) per part, like sdjax's ``Part``."""
+    out = []
+    for item, weight in zip(conjunction.prompts, conjunction.weights):
+        if type(item).__name__ == "Blend":
+            prompts = tuple(tuple((f.text, f.weight) for f in p.children) for p in item.prompts)
+            out.append((prompts, tuple(item.weights), item.normalize_weights, weight))
+        else:
+            out.append(((tuple((f.text, f.weight) for f in item.children),), (1.0,), True, weight))
+    return out
+
+
+COMPEL_PIECES = ["cat", "dog", "a", " ", " ", "(", ")", "+", "-", "++", "--", "1.3", "0.5", ",", ".", '"', "\\(", "\\)",
+                 '\\"', "=", "x-y", ".attend(", "0.8)", "\t", "\\,", "\\", "-0.5", ".5", "a.b", ".blend(", ".and("]
+
+
+def test_compel_parser_matches_compels():
     compel = pytest.importorskip("compel")
-    c = compel.Compel(tokenizer=sd.tokenizer, text_encoder=text_model)
-    for text in COMPEL_PROMPTS:
+    parser = compel.prompt_parser.PromptParser()
+    rng = random.Random(0)
+    generated_ = ["".join(rng.choice(COMPEL_PIECES) for _ in range(rng.randint(1, 14))) for _ in range(300)]
+    for text in COMPEL_PROMPTS + COMPEL_COMBINED + generated_:
+        try:
+            expected = _compel_parts(parser.parse_conjunction(text))
+        except Exception:  # compel cannot read it: neither can sdjax
+            with pytest.raises(ValueError):
+                prompt.parse_compel(text)
+            continue
+        got = [(p.prompts, p.blend, p.normalize, p.weight) for p in prompt.parse_compel(text)]
+        assert got == (expected or [(((("", 1.0),),), (1.0,), True, 1.0)]), text  # compel fails on "()"
+
+
+def _ours_compel(sd, texts, negatives=None):
+    cond, uncond = sd.tokenize_prompts(texts, negatives or [""] * len(texts), "compel")
+    empty = prompt.prompt_chunks(sd.tokenizer, [prompt.Fragment("")])[0][0]
+    empty = np.tile(np.asarray(empty, np.int32), (len(texts), 1))
+    return cond, np.asarray(_encode(sd.models, sd.params, cond.ids, cond.weights, "compel", empty, cond.variants))
+
+
+def _check_against_compel(sd, c, texts, worst, **compare):
+    cond, ours_ = _ours_compel(sd, texts)
+    for row, text in enumerate(texts):
         with torch.no_grad():
             expected = c([text]).numpy()[0]
-        cond, _ = sd.tokenize_prompts([text], [""], "compel")
-        ids, weights = c.conditioning_provider.get_token_ids_and_expand_weights(
-            *_compel_fragments(compel, text), device="cpu")[:2]
-        assert cond.ids[0].tolist() == ids.tolist() and np.allclose(cond.weights[0], weights.numpy()), text
-        empty = prompt.prompt_chunks(sd.tokenizer, [prompt.Fragment("")])[0][0]
-        got = _encode(sd.models, sd.params, cond.ids, cond.weights, "compel", np.asarray([empty], np.int32))
-        err = rel_err(np.asarray(got)[0], expected)
+        assert cond.chunks[row] == len(expected) // 77, text
+        err = rel_err(ours_[row, :len(expected)], expected)
+        worst[text] = err
         assert err <= 1e-5, (text, err)
 
 
-def _compel_fragments(compel, text):
-    conjunction = compel.prompt_parser.PromptParser().parse_conjunction(text)
-    fragments = conjunction.prompts[0].children
-    return [f.text for f in fragments], [f.weight for f in fragments]
+def test_text_encoder_attention_mask_is_transformers(sd, text_model):
+    """compel masks down-weighted tokens out of the encoder's attention (transformers' attention_mask)."""
+    ids = np.asarray([prompt.prompt_chunks(sd.tokenizer, [prompt.Fragment("a red cat on a hill")])[0][0]] * 2)
+    mask = np.ones_like(ids)
+    mask[0, 2:4] = 0
+    mask[1, 5:40] = 0
+    got = sd.text_encoder.apply({"params": sd.params["text_encoder"]}, jnp.asarray(ids), attention_mask=mask)
+    with torch.no_grad():
+        expected = text_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    assert rel_err(np.asarray(got), expected) <= 1e-5
+    plain = sd.text_encoder.apply({"params": sd.params["text_encoder"]}, jnp.asarray(ids))
+    assert rel_err(np.asarray(plain), expected) > 1e-3
+
+
+def test_compel_syntax_and_weighting_match_compel(sd, text_model):
+    compel = pytest.importorskip("compel")
+    c = compel.Compel(tokenizer=sd.tokenizer, text_encoder=text_model)
+    for text in COMPEL_PROMPTS:  # tokens and weights as compel's
+        cond, _ = sd.tokenize_prompts([text], [""], "compel")
+        fragments = prompt.parse(text, "compel")
+        ids, weights = c.conditioning_provider.get_token_ids_and_expand_weights(
+            [f.text for f in fragments], [f.weight for f in fragments], device="cpu")[:2]
+        assert cond.ids[0].tolist() == ids.tolist() and np.allclose(cond.weights[0], weights.numpy()), text
+    worst = {}
+    _check_against_compel(sd, c, COMPEL_PROMPTS + COMPEL_COMBINED, worst)
+    print(f"compel: {len(worst)} prompts, worst relative error {max(worst.values()):.1e}")
+
+
+def test_compel_long_prompts_match_compel_without_truncation(sd, text_model):
+    """sdjax chunks long prompts (A1111's rule); compel's truncate_long_prompts=False chunks at phrase or word
+    ends: where both cut at the same places, the conditioning is compel's, down-weighted spans across a chunk
+    boundary included."""
+    compel = pytest.importorskip("compel")
+    c = compel.Compel(tokenizer=sd.tokenizer, text_encoder=text_model, truncate_long_prompts=False)
+    texts = [_words(100), _words(60) + " (" + _words(30, "cat") + ")0.7 " + _words(20),
+             "(" + _words(70) + ")0.8 " + _words(30, "dog") + "++", _words(70) + ", (" + _words(30, "cat") + ")0.5",
+             _words(140) + " cat-- " + _words(20)]
+    worst = {}
+    _check_against_compel(sd, c, texts, worst)
+    print(f"compel, long prompts: worst relative error {max(worst.values()):.1e}")
+
+
+def test_compel_plain_and_mixed_batches(sd):
+    """Prompts without down-weights need no variants (the encoding of before); a batch mixing both gives
+    each prompt what it gives alone, and the negative prompts get the same variant count."""
+    cond, uncond = sd.tokenize_prompts(["a cat++", "a dog"], ["", "blurry"], "compel")
+    assert cond.variants is None and uncond.variants is None
+    cond, uncond = sd.tokenize_prompts(["a cat--", "a dog"], ["", "blurry"], "compel")
+    assert cond.variants.ids.shape == uncond.variants.ids.shape == (2, 4, 77)
+    assert cond.variants.mix[1].tolist() == [[1.0]] + [[0.0]] * 4
+    _, both = _ours_compel(sd, ["a cat-- on a hill", "a dog"])  # (XLA's rounding may differ with the batch size)
+    _, alone = _ours_compel(sd, ["a dog"])
+    assert rel_err(both[1], alone[0]) <= 1e-6
+    _, alone = _ours_compel(sd, ["a cat-- on a hill"])
+    assert rel_err(both[0], alone[0]) <= 1e-6
+
+
+def test_compel_variants_do_not_recompile(sd):
+    run = dict(steps=2, scheduler="ddim", output="latent", prompt_syntax="compel")
+    sd.text_to_image(["a cat-- on a hill", "a dog"], **run)
+    count = sd.executor.compile_count()
+    sd.text_to_image(["a cat- dog-- (sky)0.5 on a (hill)0.9", "(a dog)0.7"], ["blurry-", ""], **run)
+    sd.text_to_image(['("a cat", "a dog").blend(0.3, 0.7)', "a dog-"], **run)
+    assert sd.executor.compile_count() == count

@@ -74,7 +74,7 @@ class CLIPAttention(nn.Module):
     attention_implementation: Optional[str] = None
 
     @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         batch, seq, width = hidden.shape
         heads = self.config.num_attention_heads
         dense = functools.partial(nn.Dense, width, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -85,7 +85,7 @@ class CLIPAttention(nn.Module):
         q = split_heads(dense(name="q_proj")(hidden))
         k = split_heads(dense(name="k_proj")(hidden))
         v = split_heads(dense(name="v_proj")(hidden))
-        out = attention(q, k, v, is_causal=True, implementation=self.attention_implementation)
+        out = attention(q, k, v, mask=mask, is_causal=True, implementation=self.attention_implementation)
         return dense(name="out_proj")(out.reshape(batch, seq, width))
 
 
@@ -111,13 +111,13 @@ class CLIPEncoderLayer(nn.Module):
     attention_implementation: Optional[str] = None
 
     @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         norm = functools.partial(
             nn.LayerNorm, epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
         )
         hidden = hidden + CLIPAttention(
             self.config, self.dtype, self.param_dtype, self.attention_implementation, name="self_attn"
-        )(norm(name="layer_norm1")(hidden))
+        )(norm(name="layer_norm1")(hidden), mask)
         return hidden + CLIPMLP(self.config, self.dtype, self.param_dtype, name="mlp")(
             norm(name="layer_norm2")(hidden)
         )
@@ -136,11 +136,11 @@ class CLIPEncoder(nn.Module):
             for _ in range(self.config.num_hidden_layers)
         ]
 
-    def __call__(self, hidden: jax.Array, num_layers: int) -> list[jax.Array]:
+    def __call__(self, hidden: jax.Array, num_layers: int, mask: Optional[jax.Array] = None) -> list[jax.Array]:
         """The outputs of the first ``num_layers`` layers, in order."""
         outputs = []
         for layer in self.layers[:num_layers]:
-            hidden = layer(hidden)
+            hidden = layer(hidden, mask)
             outputs.append(hidden)
         return outputs
 
@@ -164,7 +164,8 @@ class CLIPTextModel(nn.Module):
     ``skip_layers=k`` drops the last k encoder layers before the final layer norm, which is
     diffusers' ``clip_skip=k`` (hidden_states[-(k + 1)] through final_layer_norm) and AUTOMATIC1111's
     "Clip skip" k + 1 (for SD 1.x; A1111 also applies the final layer norm). ``added_tokens`` (N, D):
-    textual-inversion vectors for token ids from ``vocab_size`` on.
+    textual-inversion vectors for token ids from ``vocab_size`` on. ``attention_mask`` (B, T), as
+    transformers': 0 / False keeps a token out of every other token's attention (its own output remains).
     """
 
     config: CLIPTextConfig
@@ -181,11 +182,12 @@ class CLIPTextModel(nn.Module):
             epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
-    def __call__(self, input_ids: jax.Array, skip_layers: int = 0, added_tokens: Optional[jax.Array] = None
-                 ) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, skip_layers: int = 0, added_tokens: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
         self._check_inputs(input_ids, skip_layers)
         num_layers = self.config.num_hidden_layers - skip_layers
-        layer_outputs = self.encoder(self.embeddings(input_ids, added_tokens), num_layers)
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        layer_outputs = self.encoder(self.embeddings(input_ids, added_tokens), num_layers, mask)
         return self.final_layer_norm(layer_outputs[-1])
 
     def encode_with_pooled(self, input_ids: jax.Array, skip_layers: int = 0) -> tuple[jax.Array, jax.Array]:
