@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdjax import infotext, inputs, outputs, samplers, single_file
 from sdjax.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
-from sdjax.lora_train import run_from_args
+from sdjax import cli_train
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
 from sdjax.infotext import LoraRecord
 from sdjax.noise import NOISE_SOURCES
@@ -131,42 +131,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "beside it, else inferred from its shapes)")
 
 
-def _add_train_lora_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="image folder with same-name .txt captions or metadata.jsonl")
-    parser.add_argument("--out", required=True, help="output folder (adapter files, checkpoint, log, samples)")
-    _add_model_options(parser)
-    parser.add_argument("--caption-from-folder-name", action="store_true",
-                        help="caption images that have none with their folder's name")
-    parser.add_argument("--resolution", type=int, default=None, help="training image side (default: model native)")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    parser.add_argument("--targets", default="attention",
-                        help="U-Net layer groups, comma separated: attention, feed_forward, proj, conv")
-    parser.add_argument("--text-encoder-targets", default="",
-                        help="text encoder layer groups (attention, feed_forward); default: none")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per micro-batch, over all devices")
-    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
-    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    parser.add_argument("--caption-dropout", type=float, default=0.0,
-                        help="share of captions replaced by the empty prompt (for classifier-free guidance)")
-    parser.add_argument("--cache-latents", action="store_true", help="encode the images with the VAE once")
-    parser.add_argument("--base-dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="frozen base weights (default: bfloat16 on TPU/GPU, float32 on CPU)")
-    parser.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
-                        help="data parallelism over the local devices")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and data order")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps")
-    parser.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
-    parser.add_argument("--sample-every", type=int, default=0, help="write sample images every N steps")
-    parser.add_argument("--sample-prompt", action="append", default=[], dest="sample_prompts",
-                        help="prompt of the sample images; repeat for several (default: none)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="denoising steps of the sample images")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 # Image-conditioned commands: (help, default strength).
 IMAGE_COMMANDS = {
     "img2img": ("image to image: redraw --image after the prompt", 0.8),
@@ -217,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a single file's prediction type (default: from its config or metadata)")
     convert.add_argument("--ema", action="store_true", help="use the model_ema.* weights of a single file")
     convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
-    _add_train_lora_options(commands.add_parser("train-lora", help="train a LoRA on a folder of captioned images"))
+    train_lora = commands.add_parser("train-lora", help="train a LoRA on a folder of captioned images")
+    _add_model_options(train_lora)
+    cli_train.add_train_lora_options(train_lora)
+    train_embedding = commands.add_parser("train-embedding",
+                                          help="learn a new prompt token (textual inversion) from captioned images")
+    _add_model_options(train_embedding)
+    cli_train.add_train_embedding_options(train_embedding)
     info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
     _add_model_options(info)
     return parser
@@ -494,7 +464,12 @@ def cmd_convert(args) -> int:
 
 def cmd_train_lora(args) -> int:
     enable_compilation_cache()
-    return run_from_args(args)
+    return cli_train.run_lora(args)
+
+
+def cmd_train_embedding(args) -> int:
+    enable_compilation_cache()
+    return cli_train.run_embedding(args)
 
 
 def cmd_info(args) -> int:
@@ -525,6 +500,7 @@ COMMANDS = {
     **{command: cmd_image for command in IMAGE_COMMANDS},
     "convert": cmd_convert,
     "train-lora": cmd_train_lora,
+    "train-embedding": cmd_train_embedding,
     "info": cmd_info,
 }
 

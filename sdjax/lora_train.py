@@ -211,7 +211,7 @@ def train_lora(
     state, frozen = parallel.place_params(state), parallel.place_params(frozen)
     total_micro = config.steps * config.accumulate_steps
     start = int(parallel.unreplicate(state.step))
-    bar = _progress_bar(total=config.steps, initial=start // config.accumulate_steps, enabled=progress)
+    bar = progress_bar("train-lora", config.steps, start // config.accumulate_steps, progress)
     recent: list[float] = []
     started = time.time()
     for micro in range(start, total_micro):
@@ -228,7 +228,7 @@ def train_lora(
             bar.set_postfix(loss=f"{loss:.4f}")
             if output:
                 seconds = round(time.time() - started, 1)
-                _append_log(output / "loss.jsonl", {"step": step, "loss": loss, "seconds": seconds})
+                append_log(output / "loss.jsonl", {"step": step, "loss": loss, "seconds": seconds})
         bar.update(1)
         last = step == config.steps
         if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
@@ -254,14 +254,14 @@ def _config_record(config: LoRATrainConfig) -> dict:
     return json.loads(json.dumps({k: getattr(config, k) for k in keep}))
 
 
-def _append_log(path: Path, record: dict) -> None:
+def append_log(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train-lora", unit="step")
+def progress_bar(desc: str, total: int, initial: int, enabled: bool):
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step")
 
 
 def write_samples(sd, adapter: dict, config: LoRATrainConfig, folder: Path, step: int) -> list[Path]:

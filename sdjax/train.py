@@ -135,6 +135,11 @@ def diffusion_loss(
     t_key, n_key = jax.random.split(key)
     t = jax.random.randint(t_key, (latents.shape[0],), 0, alphas_cumprod.shape[0])
     noise = jax.random.normal(n_key, latents.shape, jnp.float32)
+    return denoising_loss(predict, latents, t, noise, alphas_cumprod, prediction_type)
+
+
+def denoising_loss(predict, latents, t, noise, alphas_cumprod, prediction_type: str = "epsilon"):
+    """The mean squared error of ``predict`` at given timesteps ``t`` (B,) and ``noise`` (as latents)."""
     a_t = alphas_cumprod[t]
     noisy = jnp.sqrt(a_t)[:, None, None, None] * latents + jnp.sqrt(1.0 - a_t)[:, None, None, None] * noise
     prediction = predict(noisy, t).astype(jnp.float32)
