@@ -172,6 +172,92 @@ class UNetConfig:
         }
 
 
+_CONTROLNET_CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers ``ControlNetModel`` for SD 1.x / 2.x: the U-Net's encoder half plus a conditioning-image encoder.
+
+    SDXL ControlNets (``addition_embed_type="text_time"``, issue #17) are refused for now; supporting them
+    means accepting that value here and adding the text-time embedding beside ``time_embedding`` in
+    ``sdjax.models.controlnet``, as the SDXL U-Net will do.
+    """
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    down_block_types: Tuple[str, ...] = UNetConfig.down_block_types
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    # diffusers' historical naming, as in UNetConfig: heads per block.
+    attention_head_dim: Union[int, Tuple[int, ...]] = 8
+    num_attention_heads: Optional[Union[int, Tuple[int, ...]]] = None
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    only_cross_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
+    # Shuffle-style ControlNets: residuals averaged over height and width.
+    global_pool_conditions: bool = False
+    controlnet_conditioning_channel_order: str = "rgb"
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "ControlNetConfig":
+        data = _read_json(config)
+        _reject("controlnet", data, "_class_name", ("ControlNetModel",))
+        addition = data.get("addition_embed_type")
+        if addition is not None:
+            what = " (an SDXL ControlNet)" if addition == "text_time" else ""
+            raise ValueError(f"controlnet config has addition_embed_type={addition!r}{what}, which sdjax does not "
+                             "support yet; supported values: [None] (SD 1.x / 2.x ControlNets)")
+        for block in data.get("down_block_types", ()):
+            _reject("controlnet", {"down_block_types": block}, "down_block_types", _UNET_DOWN_BLOCKS)
+        _reject("controlnet", data, "controlnet_conditioning_channel_order", _CONTROLNET_CHANNEL_ORDERS)
+        _reject("controlnet", data, "mid_block_type", ("UNetMidBlock2DCrossAttn",))
+        _reject("controlnet", data, "class_embed_type", (None,))
+        _reject("controlnet", data, "num_class_embeds", (None,))
+        _reject("controlnet", data, "encoder_hid_dim", (None,))
+        _reject("controlnet", data, "encoder_hid_dim_type", (None,))
+        _reject("controlnet", data, "act_fn", ("silu",))
+        _reject("controlnet", data, "resnet_time_scale_shift", ("default",))
+        _reject("controlnet", data, "mid_block_scale_factor", (1,))
+        _reject("controlnet", data, "transformer_layers_per_block", (1,))
+        for key in ("only_cross_attention", "layers_per_block", "cross_attention_dim"):
+            if isinstance(data.get(key), list):
+                raise ValueError(f"controlnet config: a per-block {key} list is not supported")
+        return cls(**_known_fields(cls, data))
+
+    def heads_per_block(self) -> Tuple[int, ...]:
+        """Number of attention heads of each down block (diffusers' resolution rule)."""
+        heads = self.num_attention_heads or self.attention_head_dim
+        if isinstance(heads, int):
+            return (heads,) * len(self.block_out_channels)
+        return tuple(heads)
+
+    def unet_config(self) -> UNetConfig:
+        """The U-Net whose encoder half this ControlNet copies (its up blocks mirror the down blocks)."""
+        ups = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        shared = {f.name for f in dataclasses.fields(UNetConfig)} & {f.name for f in dataclasses.fields(self)}
+        return UNetConfig(
+            **{name: getattr(self, name) for name in shared},
+            up_block_types=tuple(ups[b] for b in reversed(self.down_block_types)),
+        )
+
+    def to_diffusers_config(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {
+            "_class_name": "ControlNetModel",
+            "act_fn": "silu",
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
     """diffusers ``AutoencoderKL``."""
@@ -279,6 +365,50 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+T2I_ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
+
+
+@dataclasses.dataclass(frozen=True)
+class T2IAdapterConfig:
+    """diffusers ``T2IAdapter``: a control image -> one feature map per U-Net down level.
+
+    ``channels`` are the feature widths; the light adapter adds one more level of width ``channels[-1]``.
+    """
+
+    in_channels: int = 3
+    channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    num_res_blocks: int = 2
+    # The pixel-unshuffle factor that turns the image into the first feature level.
+    downscale_factor: int = 8
+    adapter_type: str = "full_adapter"
+
+    def __post_init__(self) -> None:
+        _reject("t2i adapter", {"adapter_type": self.adapter_type}, "adapter_type", T2I_ADAPTER_TYPES)
+
+    @classmethod
+    def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "T2IAdapterConfig":
+        return cls(**_known_fields(cls, _read_json(config)))
+
+    @property
+    def downsampling_levels(self) -> Tuple[bool, ...]:
+        """Whether each feature level halves the size of the one before it."""
+        count = len(self.channels)
+        if self.adapter_type == "light_adapter":
+            return (False,) + (True,) * count
+        if self.adapter_type == "full_adapter_xl":
+            return tuple(i == 2 for i in range(count))
+        return (False,) + (True,) * (count - 1)
+
+    @property
+    def total_downscale_factor(self) -> int:
+        """Image size / smallest feature size: image sides must be multiples of it."""
+        return self.downscale_factor * 2 ** sum(self.downsampling_levels)
+
+    def to_diffusers_config(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {"_class_name": "T2IAdapter", **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
 
 
 _SD1_TEXT = CLIPTextConfig()

@@ -57,7 +57,9 @@ class UNetDownBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, additional_residual: Optional[jax.Array] = None):
+        """``additional_residual`` (T2I-Adapter, attention blocks only) is added after the last resnet+attention
+        pair, so it reaches that skip connection and the downsampler, as in diffusers' ``CrossAttnDownBlock2D``."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         skips = []
         for i in range(cfg.layers_per_block):
@@ -66,6 +68,8 @@ class UNetDownBlock(nn.Module):
             if self.with_attention:
                 x = _transformer(cfg, self.heads, self.out_channels, self.attention_implementation, dt, pdt,
                                  f"attentions_{i}", cfg.only_cross_attention)(x, context)
+            if additional_residual is not None and i == cfg.layers_per_block - 1:
+                x = x + additional_residual.astype(dt)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, cfg.downsample_padding, dt, pdt, name="downsamplers_0")(x)
@@ -121,6 +125,18 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name="resnets_1")(x, temb)
 
 
+def _add_residuals(skips: list, residuals: Sequence[jax.Array], dtype) -> list:
+    if len(residuals) != len(skips):
+        raise ValueError(f"down_block_additional_residuals has {len(residuals)} arrays; this U-Net has "
+                         f"{len(skips)} skip connections (one per ControlNet down residual)")
+    for n, (skip, residual) in enumerate(zip(skips, residuals)):
+        # Global-pooled (shuffle) ControlNets give (B, 1, 1, C): broadcasting over height and width is intended.
+        if jnp.broadcast_shapes(residual.shape, skip.shape) != skip.shape:
+            raise ValueError(f"down_block_additional_residuals[{n}] has shape {residual.shape}; the skip connection "
+                             f"it adds to is {skip.shape} (NHWC)")
+    return [skip + residual.astype(dtype) for skip, residual in zip(skips, residuals)]
+
+
 class UNet2DConditionModel(nn.Module):
     """Predicts noise (or v) from NHWC latents, timesteps and text embeddings.
 
@@ -164,9 +180,28 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got shape {jnp.shape(timesteps)}")
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        *,
+        down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
+        mid_block_additional_residual: Optional[jax.Array] = None,
+        down_intrablock_additional_residuals: Optional[Sequence[jax.Array]] = None,
+    ) -> jax.Array:
+        """The residual inputs follow diffusers: ``down_block_additional_residuals`` (ControlNet, one per skip
+        connection) are added to the skips and ``mid_block_additional_residual`` to the mid block's output;
+        ``down_intrablock_additional_residuals`` (T2I-Adapter) are consumed in order, one per down block, then
+        one more after the mid block if its shape matches."""
         cfg, dt, pdt, impl = self.config, self.dtype, self.param_dtype, self.attention_implementation
         self._check_inputs(sample, timesteps, encoder_hidden_states)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
+                "mid_block_additional_residual (T2I-Adapter features go in down_intrablock_additional_residuals)"
+            )
+        intrablock = list(down_intrablock_additional_residuals or ())
         batch = sample.shape[0]
         heads = cfg.heads_per_block()
         channels = cfg.block_out_channels
@@ -185,14 +220,26 @@ class UNet2DConditionModel(nn.Module):
         x = conv(channels[0], 3, dt, pdt, "conv_in")(x)
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
+            with_attention = block_type == "CrossAttnDownBlock2D"
+            residual = intrablock.pop(0) if with_attention and intrablock else None
             x, block_skips = UNetDownBlock(
-                cfg, channels[i], heads[i], with_attention=block_type == "CrossAttnDownBlock2D",
+                cfg, channels[i], heads[i], with_attention=with_attention,
                 add_downsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
                 name=f"down_blocks_{i}",
-            )(x, temb, context)
+            )(x, temb, context, residual)
+            if not with_attention and intrablock:
+                # diffusers adds this in place to the block's output tensor, which is also its last skip.
+                x = x + intrablock.pop(0).astype(dt)
+                block_skips[-1] = x
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals, dt)
 
         x = UNetMidBlock2DCrossAttn(cfg, heads[-1], impl, dt, pdt, name="mid_block")(x, temb, context)
+        if intrablock and intrablock[0].shape == x.shape:
+            x = x + intrablock.pop(0).astype(dt)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(dt)
 
         up_channels, up_heads = channels[::-1], heads[::-1]
         per_block = cfg.layers_per_block + 1
