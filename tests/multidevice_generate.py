@@ -29,7 +29,12 @@ def main(model_dir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     one = StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32, devices=jax.devices()[:1])
     eight = StableDiffusion.from_pretrained(model_dir, dtype=jnp.float32)
-    prompts = ["a red circle", "a blue square", "a green triangle", "a white star", "a cat"]
+    thing = np.random.RandomState(0).randn(2, one.config.text_encoder.hidden_size).astype(np.float32) * 0.1
+    for sd in (one, eight):
+        sd.add_embedding(thing, "<thing>")
+    # plain prompts, and prompts as people write them (#20): weights, three chunks with BREAK, an embedding
+    prompts = ["a red circle", "a blue square", "a (green:1.2) triangle, " + "tall grass, " * 30 + "BREAK [sky]",
+               "a white star", "a <thing>"]
     for count in (8, 5):
         request = dict(
             prompt=[prompts[i % len(prompts)] for i in range(count)],
