@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import data, train
+from sdjax import data, lora_train, train
 from sdjax.generate import encode_images
 from sdjax.layouts.files import write_safetensors
 from sdjax.lora_train import append_log, batch_indices, encode_latents, progress_bar, to_model_range
@@ -140,22 +140,6 @@ def make_loss_fn(sd):
     return loss_fn
 
 
-def _check_inputs(sd, images: np.ndarray, captions: Sequence[str], config: EmbeddingTrainConfig, devices) -> None:
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 NHWC RGB, got {images.dtype} {images.shape}")
-    if len(images) != len(captions) or not len(images):
-        raise ValueError(f"need at least one image and one caption per image; got {len(images)} and {len(captions)}")
-    factor = sd.vae_scale_factor * 2 ** (len(sd.config.unet.block_out_channels) - 1)
-    if images.shape[1] % factor or images.shape[2] % factor:
-        raise ValueError(f"image size {images.shape[1:3]} must be a multiple of {factor} for this model")
-    n = len(devices) if devices is not None else jax.local_device_count()
-    if config.batch_size % n:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {n} devices (data-parallel)")
-    if config.steps < 1 or config.accumulate_steps < 1 or config.num_vectors < 1:
-        raise ValueError(f"steps, accumulate_steps and num_vectors must be positive, got {config.steps}, "
-                         f"{config.accumulate_steps}, {config.num_vectors}")
-
-
 def _config_record(config: EmbeddingTrainConfig) -> dict:
     keep = ("token", "init_word", "num_vectors", "template", "accumulate_steps", "seed")
     return json.loads(json.dumps({k: getattr(config, k) for k in keep}))
@@ -177,7 +161,9 @@ def train_embedding(
 
     With ``output_dir``: checkpoints every ``checkpoint_every`` steps and resumes from the last one, logs
     the loss, writes sample images, and saves the embedding in A1111 and diffusers formats at the end."""
-    _check_inputs(sd, images, captions, config, devices)
+    lora_train.check_inputs(sd, images, captions, config, devices)
+    if config.num_vectors < 1:
+        raise ValueError(f"num_vectors must be positive, got {config.num_vectors}")
     captions = training_captions(captions, config)
     output = Path(output_dir) if output_dir is not None else None
     if config.token in sd.embeddings:

@@ -135,7 +135,8 @@ def make_loss_fn(sd, config: LoRATrainConfig):
     return loss_fn
 
 
-def _check_inputs(sd, images: np.ndarray, captions: Sequence[str], config: LoRATrainConfig, devices) -> None:
+def check_inputs(sd, images: np.ndarray, captions: Sequence[str], config, devices) -> None:
+    """The checks every trainer on this core makes (``config`` has batch_size, steps, accumulate_steps)."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 NHWC RGB, got {images.dtype} {images.shape}")
     if len(images) != len(captions) or not len(images):
@@ -166,7 +167,7 @@ def train_lora(
     With ``output_dir``: checkpoints every ``checkpoint_every`` steps and resumes from the last one, logs
     the loss, writes sample images, and saves the adapter in diffusers/PEFT and kohya formats at the end.
     """
-    _check_inputs(sd, images, captions, config, devices)
+    check_inputs(sd, images, captions, config, devices)
     output = Path(output_dir) if output_dir is not None else None
     init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
     base = {k: v for k, v in sd.params.items() if k != "lora"}
