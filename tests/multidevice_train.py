@@ -16,7 +16,7 @@ from test_train import denoiser_setup  # noqa: E402
 
 def main():
     # A CI run once hung here past the test's timeout; dump every thread's stack before that, to see where.
-    faulthandler.dump_traceback_later(480, exit=True)
+    faulthandler.dump_traceback_later(1080, exit=True)
     assert jax.device_count() == 8
     params, frozen, batch, loss_fn = denoiser_setup(batch_size=16)
 

@@ -150,4 +150,4 @@ def test_mismatched_captions_only_below_the_timestep_bound():
 
 
 def test_pmap_and_mesh_steps_agree_on_8_devices():
-    reference.run_on_simulated_devices("multidevice_train.py", marker="TRAIN MULTIDEVICE OK", timeout=600)
+    reference.run_on_simulated_devices("multidevice_train.py", marker="TRAIN MULTIDEVICE OK", timeout=1200)

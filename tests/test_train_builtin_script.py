@@ -24,7 +24,7 @@ def train(out, workdir, unet_steps):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--workdir", str(workdir), "--unet-steps", str(unet_steps),
          *TOY],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True, text=True, env=env, timeout=1500,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
