@@ -16,4 +16,7 @@ from sdjax.config import (
 
 __version__ = "0.1.0"
 from sdjax.pipeline import StableDiffusion
-from sdjax import parts, prompt, recipe  # noqa: E402  (the low-level parts; prompt syntax; infotext recipes)
+from sdjax.control import Control
+from sdjax.controlnet import ControlNet, load_controlnet
+from sdjax.t2i_adapter import T2IAdapter, load_t2i_adapter
+from sdjax import parts, preprocess, prompt, recipe  # noqa: E402  (low-level parts; control preprocessors; prompt syntax; infotext recipes)

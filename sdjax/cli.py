@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from PIL import Image
 
 from sdjax import infotext, inputs, outputs, samplers, single_file
 from sdjax.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
-from sdjax import cli_train
+from sdjax import cli_control, cli_train
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
+from sdjax.cli_control import open_image as _open_image
 from sdjax.infotext import LoraRecord
 from sdjax.noise import NOISE_SOURCES
 from sdjax.prompt import SYNTAXES
@@ -161,6 +161,8 @@ def _add_image_options(parser: argparse.ArgumentParser, command: str, strength: 
                                  "(default: estimated by the model's depth estimator)")
     parser.add_argument("--strength", type=float, default=strength,
                         help=f"how much to change, 0..1: share of the steps that run (default: {strength})")
+    if command != "depth2img":
+        cli_control.add_control_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="text to image")
     _add_generation_options(generate)
     _add_from_png_option(generate)
+    cli_control.add_control_options(generate)
     for command, (text, strength) in IMAGE_COMMANDS.items():
         _add_image_options(commands.add_parser(command, help=text), command, strength)
     convert = commands.add_parser("convert", help="diffusers folder <-> single .safetensors file, either way")
@@ -293,9 +296,10 @@ def load_loras(sd, files: Sequence[str], scales: Sequence[float]) -> tuple[LoraR
     return tuple(records)
 
 
-def image_infotexts(args, sd, loras, width: int, height: int, count: int, strength=None) -> list[str]:
+def image_infotexts(args, sd, loras, width: int, height: int, count: int, strength=None, controls=()) -> list[str]:
     """Each image's A1111 infotext (``sdjax.recipe.Recipe``): its own seed, the sampler by A1111 name and
-    schedule type, the model and its hash, the LoRAs; image commands add the denoising strength."""
+    schedule type, the model and its hash, the LoRAs, the controls (``cli_control.ControlRecord``s); image
+    commands add the denoising strength."""
     name, options = sampler_choice(args)
     model, model_hash = model_record(args.model)
     texts = []
@@ -306,6 +310,9 @@ def image_infotexts(args, sd, loras, width: int, height: int, count: int, streng
                         model_hash=model_hash, batch_size=count, batch_pos=position,
                         clip_skip=args.clip_skip or sd.config.clip_skip + 1, prompt_syntax=args.prompt_syntax)
         parameters = recipe.to_parameters()
+        if controls:
+            extra = parameters.extra + cli_control.infotext_fields(controls)
+            parameters = dataclasses.replace(parameters, extra=extra)
         if strength is not None:
             extra = parameters.extra + (("Mode", args.command),)
             parameters = dataclasses.replace(parameters, denoising_strength=strength, extra=extra)
@@ -357,6 +364,7 @@ def apply_recipe(args) -> None:
         args.recipe = read_recipe(Path(args.from_png).expanduser())
     except ValueError as e:
         raise ValueError(f"--from-png {args.from_png}: {e}") from None
+    cli_control.warn_if_recorded(Path(args.from_png).expanduser(), args)
     recipe = args.recipe
     args.prompt, args.negative, args.steps, args.guidance = recipe.prompt, recipe.negative_prompt, recipe.steps, \
         recipe.guidance_scale
@@ -373,12 +381,15 @@ def cmd_generate(args) -> int:
     elif args.prompt is None:
         raise ValueError("give a prompt (or --from-png IMAGE to regenerate an image from its infotext)")
     check_generation_args(args)
+    plan = cli_control.plan_controls(args)
     outputs.check_output(args)
     enable_compilation_cache()
     sd, loras = prepare_model(args)
     width, height = args.size if args.size else (sd.native_size, sd.native_size)
-    images = sd.text_to_image(args.prompt, args.negative, **generation_options(args, width, height))
-    texts = image_infotexts(args, sd, loras, width, height, len(images))
+    options = generation_options(args, width, height)
+    records = _add_controls(options, plan, sd, (width, height))
+    images = sd.text_to_image(args.prompt, args.negative, **options)
+    texts = image_infotexts(args, sd, loras, width, height, len(images), controls=records)
     if args.from_png is not None:  # only the image the PNG holds, from its batch
         position = args.recipe.batch_pos
         images, texts, args.seed = images[position:position + 1], texts[position:position + 1], args.recipe.seed
@@ -386,15 +397,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _open_image(path: str, flag: str):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} file not found: {path}")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated or corrupt files
-        raise ValueError(f"{flag} {path} is not a readable image ({e})") from None
-    return image
+def _add_controls(options: dict, plan, sd, size: tuple[int, int]) -> tuple:
+    """``options["controls"]`` from the checked control flags (``cli_control``); returns their records."""
+    if plan is None:
+        return ()
+    options["controls"], records = cli_control.build_controls(plan, sd, size)
+    return records
 
 
 def _open_depth(path: Optional[str]):
@@ -423,11 +431,15 @@ def cmd_image(args) -> int:
     image = _open_image(args.image, "--image")
     mask = _open_image(args.mask, "--mask") if args.command == "inpaint" else None
     depth = _open_depth(args.depth) if args.command == "depth2img" else None
+    plan = cli_control.plan_controls(args)
     outputs.check_output(args)
     enable_compilation_cache()
     sd, loras = prepare_model(args)
     width, height = args.size if args.size else (None, None)
     options = generation_options(args, width, height)
+    factor = sd.vae_scale_factor  # the output size of an unsized image command: the image's, rounded down
+    size = args.size or (image.width - image.width % factor, image.height - image.height % factor)
+    records = _add_controls(options, plan, sd, size)
     if args.command == "img2img":
         images = sd.image_to_image(args.prompt, image, args.strength, args.negative, **options)
     elif args.command == "inpaint":
@@ -438,7 +450,7 @@ def cmd_image(args) -> int:
     else:
         images = sd.depth_to_image(args.prompt, image, depth, args.strength, args.negative, **options)
     width, height = images[0].size
-    texts = image_infotexts(args, sd, loras, width, height, len(images), strength=args.strength)
+    texts = image_infotexts(args, sd, loras, width, height, len(images), strength=args.strength, controls=records)
     outputs.save_images(images, texts, args)
     return 0
 

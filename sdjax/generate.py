@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from sdjax import lora, parallel, samplers
+from sdjax import control, lora, parallel, samplers
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -87,7 +87,8 @@ class Request:
     token's prompt weight (``sdjax.prompt``; None: all 1); ``empty_ids`` (B, 77) the empty prompt's ids,
     which compel's weighting measures from; ``cond_variants`` / ``uncond_variants`` compel's extra encodings
     (``sdjax.prompt.Variants``) when a prompt needs them. ``mode`` and ``weighting`` ("a1111" | "compel",
-    ``apply_prompt_weights``) are static.
+    ``apply_prompt_weights``) are static. ``controls``: one ``sdjax.control.ControlInput`` per control of the
+    program (``Program.controls``), in the same order.
     """
 
     mode: Mode
@@ -104,6 +105,7 @@ class Request:
     empty_ids: Optional[jax.Array] = None
     cond_variants: Optional[Variants] = None
     uncond_variants: Optional[Variants] = None
+    controls: Optional[tuple] = None
     weighting: str = "a1111"
 
     @property
@@ -121,18 +123,21 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     Request,
     data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales",
-                 "cond_weights", "uncond_weights", "empty_ids", "cond_variants", "uncond_variants"],
+                 "cond_weights", "uncond_weights", "empty_ids", "cond_variants", "uncond_variants", "controls"],
     meta_fields=["mode", "weighting"],
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The compile-time side of a generate call: models, latent shape, output kind."""
+    """The compile-time side of a generate call: models, latent shape, output kind and the controls' modules
+    (``sdjax.control.ControlSpec``; their parameters are ``params["controls"]``, in the same order)."""
 
     models: Models
     latent_shape: tuple
     output: str  # "pil" | "np" (both decode to uint8) | "latent"
+    controls: tuple = ()
+    guided: bool = True  # False: the guidance-free path, one U-Net call per step on the images alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +152,22 @@ class KnownRegion:
 @dataclasses.dataclass(frozen=True)
 class Denoising:
     """A generation between its stages (``begin``, ``advance``, ``finish``): the sampler's carry, the
-    encoded prompts (leading axis: images), the U-Net's extra input channels of the image modes and,
-    for inpainting with an ordinary U-Net, the known region."""
+    encoded prompts (leading axis: images; no unconditional ones on the guidance-free path), the U-Net's extra input channels of the image modes,
+    for inpainting with an ordinary U-Net the known region, and the T2I-Adapters' features (one entry per
+    control, None for ControlNets)."""
 
     sampler: SamplerCarry
-    uncond_context: jax.Array
+    uncond_context: Optional[jax.Array]
     cond_context: jax.Array
     extra_channels: Optional[jax.Array] = None
     known: Optional[KnownRegion] = None
+    control_features: Optional[tuple] = None
 
 
 jax.tree_util.register_dataclass(KnownRegion, data_fields=["image_latents", "noise", "mask"], meta_fields=[])
 jax.tree_util.register_dataclass(
     Denoising,
-    data_fields=["sampler", "uncond_context", "cond_context", "extra_channels", "known"],
+    data_fields=["sampler", "uncond_context", "cond_context", "extra_channels", "known", "control_features"],
     meta_fields=[],
 )
 
@@ -355,15 +362,8 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
     """Encode the prompts, draw or take the initial noise and build the image conditioning."""
     params = merge_loaded_lora(params, request.lora_scales)
     models, count = program.models, request.size
-    weights = None
-    if request.cond_weights is not None:
-        weights = jnp.concatenate([request.uncond_weights, request.cond_weights])
-    empty_ids = None if request.empty_ids is None else jnp.concatenate([request.empty_ids, request.empty_ids])
-    variants = None
-    if request.cond_variants is not None:
-        variants = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), request.uncond_variants, request.cond_variants)
-    context = encode_prompts(models, params, jnp.concatenate([request.uncond_ids, request.cond_ids]), weights,
-                             request.weighting, empty_ids, variants)
+    context = encode_request_prompts(models, params, request, program.guided)
+    uncond_context, cond_context = (context[:count], context[count:]) if program.guided else (None, context)
     if request.noise is not None:
         noise = request.noise.astype(jnp.float32)
     else:
@@ -373,7 +373,25 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
         start_step = request.image.start_step
     else:
         x, extra_channels, known, start_step = noise * schedule.init_noise_sigma, None, None, 0
-    return Denoising(start_sampling(x, schedule, start_step), context[:count], context[count:], extra_channels, known)
+    features = None
+    if program.controls:
+        features = control.adapter_features(program.controls, params["controls"], request.controls)
+    return Denoising(start_sampling(x, schedule, start_step), uncond_context, cond_context, extra_channels, known,
+                     features)
+
+
+def encode_request_prompts(models: Models, params, request: Request, guided: bool) -> jax.Array:
+    """The request's encoded prompts: [negative; positive] (2B, ...) for guidance, the positive ones alone
+    (B, ...) on the guidance-free path."""
+    def both(uncond, cond):
+        if uncond is None:
+            return None
+        return jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond) if guided else cond
+
+    empty_ids = both(request.empty_ids, request.empty_ids)
+    return encode_prompts(models, params, both(request.uncond_ids, request.cond_ids),
+                          both(request.uncond_weights, request.cond_weights), request.weighting, empty_ids,
+                          both(request.uncond_variants, request.cond_variants))
 
 
 def advance(params, request: Request, schedule: Schedule, program: Program, carry: Denoising, evaluations) -> Denoising:
@@ -381,21 +399,39 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
     params = merge_loaded_lora(params, request.lora_scales)
     models, extra_channels = program.models, carry.extra_channels
 
-    def unet_fn(latents, t, ctx):
-        if extra_channels is not None:  # appended after the sampler's input scaling, for [uncond; cond]
-            extra = jnp.concatenate([extra_channels, extra_channels]).astype(latents.dtype)
+    def unet_fn(latents, t, ctx, i):
+        residuals = {}
+        if program.controls:  # on the latents alone, before an inpainting or depth U-Net's extra channels
+            def weight_of(given):
+                return given.scale * control.keep(i, carry.sampler.first, schedule.num_evals, given.start, given.end)
+
+            residuals = control.residuals(
+                program.controls, params["controls"], request.controls, carry.control_features, latents, t,
+                carry.uncond_context, carry.cond_context, weight_of,
+            ).as_kwargs()
+        if extra_channels is not None:  # appended after the sampler's input scaling, for [uncond; cond] if guided
+            copies = latents.shape[0] // extra_channels.shape[0]
+            extra = jnp.concatenate([extra_channels] * copies).astype(latents.dtype)
             latents = jnp.concatenate([latents, extra], axis=-1)
-        out = models.unet.apply({"params": params["unet"]}, latents.astype(models.unet.dtype), t, ctx)
+        out = models.unet.apply({"params": params["unet"]}, latents.astype(models.unet.dtype), t, ctx, **residuals)
         return out.astype(jnp.float32)
 
-    model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
+    if program.guided:
+        model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
+    else:
+        model_fn = partial(_unguided, unet_fn, carry.cond_context)
     sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, KeyStream.SAMPLER))(request.keys)
     after_step = None if carry.known is None else partial(blend_known_region, schedule, carry.known)
     noise_fn = None if request.step_noise is None else partial(drawn_step_noise, request.step_noise, carry.sampler.first)
     sampler = sample_evaluations(
-        model_fn, carry.sampler, sampler_keys, schedule, evaluations, noise_fn=noise_fn, after_step=after_step
+        model_fn, carry.sampler, sampler_keys, schedule, evaluations, noise_fn=noise_fn, after_step=after_step,
+        model_takes_index=True,
     )
     return dataclasses.replace(carry, sampler=sampler)
+
+
+def _unguided(unet_fn, context, x, t, **extra):
+    return unet_fn(x, t, context, **extra).astype(jnp.float32)
 
 
 def finish(params, request: Request, schedule: Schedule, program: Program, carry: Denoising):

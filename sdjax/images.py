@@ -90,11 +90,14 @@ def target_size(items: list, height: Optional[int], width: Optional[int], factor
     )
 
 
-def warn_if_resized(items: list, size: tuple[int, int], name: str, factor: int, requested: bool) -> None:
-    """Tell the user, once, which input sizes are resized and why."""
+def warn_if_resized(items: list, size: tuple[int, int], name: str, factor: int, requested: bool,
+                    why: Optional[str] = None) -> None:
+    """Tell the user, once, which input sizes are resized and ``why`` (default: the requested size, or the
+    rounding to multiples of ``factor``)."""
     sizes = sorted({"{1}x{0}".format(*image_size(item)) for item in items if image_size(item) != size})
     if sizes:
-        why = "the requested height/width" if requested else f"sides must be multiples of {factor}, one size per batch"
+        if why is None:
+            why = "the requested height/width" if requested else f"sides must be multiples of {factor}, one size per batch"
         warnings.warn(
             f"{name} size {', '.join(sizes)} resized to {size[1]}x{size[0]} ({why}); like diffusers: Lanczos for "
             "PIL images, nearest for arrays",
@@ -126,11 +129,19 @@ def _resized(item, height: int, width: int):
 
 def load_images(images, height: int, width: int, name: str = "image") -> np.ndarray:
     """RGB images as float32 NHWC in [-1, 1] at (height, width)."""
+    return (load_unit_images(images, height, width, name) * 2.0 - 1.0).astype(np.float32)
+
+
+def load_unit_images(images, height: int, width: int, name: str = "image", channels: int = 3) -> np.ndarray:
+    """Images as float32 NHWC in [0, 1] at (height, width): RGB, or grayscale with ``channels=1`` (PIL's
+    "L" conversion for colour images, as diffusers' adapter pipeline sees a grayscale PIL image)."""
     out = []
     for index, item in enumerate(images):
         if _is_pil(item):
-            item = item.convert("RGB") if item.mode != "RGB" else item
+            mode = "L" if channels == 1 else "RGB"
+            item = item.convert(mode) if item.mode != mode else item
             array = to_unit_float(np.asarray(_resized(item, height, width)), name)
+            array = array[..., None] if array.ndim == 2 else array
         else:
             array = np.asarray(item)
             if array.ndim == 2:
@@ -140,9 +151,14 @@ def load_images(images, height: int, width: int, name: str = "image") -> np.ndar
                     f"{name} {index} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}"
                 )
             array = to_unit_float(array, name)
-            array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
+            if channels == 1:
+                if array.shape[-1] != 1:
+                    raise ValueError(f"{name} {index} must be single-channel for this model (H, W) or (H, W, 1); "
+                                     f"got shape {array.shape} (or give a PIL image, converted to grayscale)")
+            else:
+                array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
             array = _resized(array, height, width)
-        out.append(array * 2.0 - 1.0)
+        out.append(array)
     return np.stack(out).astype(np.float32)
 
 

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import conditions, control
 from sdjax import images as image_inputs
 from sdjax import inputs, lora, memory, parallel, samplers, single_file, weights
 from sdjax.config import ModelConfig
-from sdjax.depth import DEFAULT_DEPTH_MODEL, INSTALL_HINT, DepthEstimator
+from sdjax.control import Control
+from sdjax.depth import DepthEstimator
 from sdjax.generate import STAGES as generate_stages
 from sdjax.generate import (
-    ImageCondition,
     Mode,
     Models,
     Program,
@@ -72,6 +73,7 @@ class Job:
     schedule: Schedule
     program: Program
     progress: bool = False  # a step display, the sampler loop then running in chunks (see ``run``)
+    control_params: tuple = ()  # the parameters of the program's controls, in order
 
     def take(self, indices) -> "Job":
         return dataclasses.replace(self, request=self.request.take(indices))
@@ -103,6 +105,7 @@ class StableDiffusion:
         self._lora_scales: dict[str, float] = {}
         self._unfused_kernels: dict[tuple, Any] = {}  # base kernels that fuse_lora replaced, for unload_lora
         self._embeddings: dict[str, Embedding] = {}  # textual-inversion tokens, rows of params["embeddings"]
+        self._with_controls: tuple = ((), None, None)  # (control params, self.params, both): placed once per set
 
     # --- loading and saving --------------------------------------------------------------------------------
 
@@ -384,7 +387,8 @@ class StableDiffusion:
         """Generate images from text; returns PIL images, a uint8 NHWC array or the final latents.
 
         Options: ``num_images_per_prompt`` (1), ``steps`` (50), ``guidance_scale`` (7.5; one value or one
-        per image), ``height``/``width`` (the model's native size), ``seed`` (0; one or one per image),
+        per image; None, or 1.0 for every image, runs the guidance-free path: one U-Net call per step, no negative
+        prompt), ``height``/``width`` (the model's native size), ``seed`` (0; one or one per image),
         ``scheduler`` ("dpmpp_2m"; an sdjax name, ``sdjax.samplers.SCHEDULERS``, or an AUTOMATIC1111 name
         such as "DPM++ 2M" or "Euler a Karras", ``sdjax.samplers.A1111_SAMPLERS``), ``schedule_type``
         (A1111's "Automatic" | "Uniform" | "Karras" | "Exponential": k-diffusion's sigma grids),
@@ -396,6 +400,9 @@ class StableDiffusion:
         "plain": weighting such as ``(red:1.3)``, ``BREAK``; ``sdjax.prompt``; prompts past 75 tokens are
         encoded in chunks of 77 as AUTOMATIC1111 does), ``clip_skip`` (A1111's "Clip skip": 2 = the text
         encoder's penultimate layer; None = the model's own; each value compiles its own program).
+        ``controls``: a list of ``sdjax.Control(model, image, scale, start, end, guess_mode)``, ControlNets and
+        T2I-Adapters, their effects summed (``sdjax.control``); without ``height``/``width`` the output takes the
+        first control image's size, rounded down to a multiple of 8, as diffusers' ControlNet pipeline does.
         ``parallel_mode``: "mesh" (default) or "pmap".
         """
         return self.run(self.prepare(Mode.TEXT_TO_IMAGE, prompt, negative_prompt, **options), parallel_mode)
@@ -506,11 +513,12 @@ class StableDiffusion:
         progress: bool = False,
         prompt_syntax: str = "a1111",
         clip_skip: Optional[int] = None,
+        controls: Optional[Sequence[Control]] = None,
     ) -> Job:
         """Validate and convert one request of ``mode`` (a ``sdjax.generate.Mode`` or its value) into the
         ``Job`` that ``run`` executes; every argument as in the mode's method (``text_to_image``, ...)."""
         mode = Mode(mode)
-        self._check_unet_for(mode, mask)
+        conditions.check_unet_for(self.config.unet, mode, mask)
         if (mode == Mode.TEXT_TO_IMAGE) != (image is None):
             raise ValueError(f"{mode.value} takes {'no image' if image is not None else 'an image'}, got image={image!r:.40}")
         prompts = inputs.prompt_list(prompt, "prompt")
@@ -522,7 +530,11 @@ class StableDiffusion:
         models = self.models_for(clip_skip)
         scheduler, options = samplers.resolve_sampler(scheduler, schedule_type, scheduler_options)
         schedule = samplers.make_schedule(scheduler, self.config.scheduler, steps, **options)
-        if mode == Mode.TEXT_TO_IMAGE:
+        controls = list(controls or ()) if isinstance(controls, (list, tuple)) or controls is None else controls
+        control.check_controls(controls, self.config.unet)
+        if mode == Mode.TEXT_TO_IMAGE and controls and height is None and width is None:
+            size = image_inputs.target_size(conditions.control_images(controls[0]), None, None, self.vae_scale_factor)
+        elif mode == Mode.TEXT_TO_IMAGE:
             size = (self.native_size if height is None else height, self.native_size if width is None else width)
         else:
             given = image_inputs.as_list(image, "image", (2, 3))
@@ -546,23 +558,29 @@ class StableDiffusion:
             cond_variants=cond.variants,
             uncond_variants=uncond.variants,
             keys=inputs.image_keys(seed, count),
-            guidance=inputs.per_image("guidance_scale", guidance_scale, count),
+            guidance=inputs.per_image("guidance_scale", 1.0 if guidance_scale is None else guidance_scale, count),
             noise=None if latents is None else inputs.check_latents(latents, count, latent_shape),
             lora_scales=self._lora_scales_per_image(count),
         )
         if check_noise_source(noise) != "jax":
             request = self._torch_noise(request, noise, seed, schedule, latent_shape, latents)
+        expand = partial(image_inputs.expand_indices, num_prompts=count // num_images_per_prompt,
+                         per_prompt=num_images_per_prompt)
         if mode != Mode.TEXT_TO_IMAGE:
             requested = height is not None or width is not None
             image_inputs.warn_if_resized(given, size, "image", self.vae_scale_factor, requested)
-            expand = partial(image_inputs.expand_indices, num_prompts=count // num_images_per_prompt,
-                             per_prompt=num_images_per_prompt)
-            condition = self._image_condition(
-                mode, given, size, expand, inputs.start_steps(strength, schedule.num_steps, count),
-                mask, depth_map, binarize_mask, keep_unmasked,
+            condition = conditions.image_condition(
+                mode, given, size, expand, inputs.start_steps(strength, schedule.num_steps, count), mask=mask,
+                depth_map=depth_map, binarize_mask=binarize_mask, keep_unmasked=keep_unmasked,
+                depth_estimator=self.depth_estimator, latent_factor=self.vae_scale_factor,
             )
             request = dataclasses.replace(request, image=condition)
-        return Job(request, schedule, Program(models, latent_shape, output), progress=bool(progress))
+        specs, control_params = control.specs_and_params(controls, self.dtype)
+        if controls:
+            control_inputs = conditions.control_condition(controls, size, expand, count, self.vae_scale_factor)
+            request = dataclasses.replace(request, controls=control_inputs)
+        program = Program(models, latent_shape, output, specs, guided=guided(guidance_scale))
+        return Job(request, schedule, program, progress=bool(progress), control_params=control_params)
 
     def run(self, job: Job, parallel_mode: Optional[str] = None):
         """Execute a prepared ``Job`` on this model's devices; returns what its ``output`` asked for.
@@ -570,17 +588,30 @@ class StableDiffusion:
         With ``job.progress`` the sampler loop runs as a few compiled chunks with the step display advanced
         between them (same results, and every program stays in JAX's persistent compilation cache, which a
         host callback inside the loop would prevent); otherwise the whole job is one compiled program."""
+        params = self._params_with(job.control_params)
         if job.progress:
             total = job.schedule.num_evals
             result = self.executor.run_in_chunks(
-                generate_stages, self.params, job.request, job.schedule, static=job.program, total=total,
+                generate_stages, params, job.request, job.schedule, static=job.program, total=total,
                 chunk=progress_chunk(total), progress=self.executor.progress, mode=parallel_mode,
             )
         else:
             result = self.executor.run(
-                generate, self.params, job.request, job.schedule, static=job.program, mode=parallel_mode
+                generate, params, job.request, job.schedule, static=job.program, mode=parallel_mode
             )
         return inputs.to_output(result, job.program.output)
+
+    def _params_with(self, control_params: tuple) -> dict:
+        """``self.params``, with ``control_params`` as ``params["controls"]`` when there are controls; the same
+        dict object for the same parameters, so the executor places them on the devices only once."""
+        if not control_params:
+            return self.params
+        given, base, combined = self._with_controls
+        if base is not self.params or len(given) != len(control_params) or any(
+                a is not b for a, b in zip(given, control_params)):
+            combined = {**self.params, "controls": control_params}
+            self._with_controls = (control_params, self.params, combined)
+        return combined
 
     def _check_memory(self, height: int, width: int, count: int) -> None:
         """Refuse, before compiling, a request whose estimated memory exceeds the devices' (``sdjax.memory``)."""
@@ -607,65 +638,12 @@ class StableDiffusion:
         initial, steps = image_noise(source, inputs.image_seeds(seed, request.size), latent_shape, draws)
         return dataclasses.replace(request, noise=initial, step_noise=steps)
 
-    def _image_condition(
-        self, mode, given, size, expand, start_step, mask, depth_map, binarize_mask, keep_unmasked
-    ) -> ImageCondition:
-        image_index = expand(len(given), "image")
-        pixels = image_inputs.load_images(given, *size)
-        condition = ImageCondition(pixels=pixels[image_index], start_step=start_step)
-        if mode == Mode.INPAINT:
-            masks = image_inputs.as_list(mask, "mask", (2, 3))
-            mask_index = expand(len(masks), "mask")
-            image_inputs.check_same_sizes([given[i] for i in image_index], [masks[i] for i in mask_index])
-            masks = image_inputs.load_masks(masks, *size, binarize=binarize_mask)[mask_index]
-            # Present either way (zero weights to skip it), so toggling keep_unmasked never recompiles.
-            keep = image_inputs.keep_weights(masks) * float(bool(keep_unmasked))
-            condition = dataclasses.replace(condition, mask=masks, keep=keep)
-        if mode == Mode.DEPTH_TO_IMAGE:
-            depth = self._depth_condition(depth_map, pixels, image_index, size, expand)
-            condition = dataclasses.replace(condition, depth=depth)
-        return condition
 
-    def _depth_condition(self, depth_map, pixels: np.ndarray, image_index: np.ndarray, size, expand) -> np.ndarray:
-        """(count, h, w, 1) depth in [-1, 1] at the latent size, given or estimated from the images."""
-        if depth_map is None:
-            if self.depth_estimator is None:
-                raise ValueError(
-                    "depth_to_image needs a depth map and this model has no depth estimator: pass "
-                    "depth_map=(H, W) array(s) of relative depth (larger = nearer), or set "
-                    f"sd.depth_estimator = sdjax.depth.DepthEstimator({DEFAULT_DEPTH_MODEL!r}) ({INSTALL_HINT})"
-                )
-            maps, index = self.depth_estimator(image_inputs.to_uint8(pixels)), image_index
-        else:
-            maps = image_inputs.as_depth_list(depth_map)
-            index = expand(len(maps), "depth map")
-        factor = self.vae_scale_factor
-        return image_inputs.load_depth_maps(maps, size[0] // factor, size[1] // factor)[index]
-
-    def _check_unet_for(self, mode: Mode, mask=None) -> None:
-        """The U-Net's input channels decide the modes it can run: latents only (ordinary), latents +
-        mask + masked-image latents (inpainting), latents + depth (depth)."""
-        latent, given = self.config.unet.out_channels, self.config.unet.in_channels
-        inpainting, depth = 2 * latent + 1, latent + 1
-        accepted = {
-            Mode.TEXT_TO_IMAGE: (latent,),
-            Mode.IMAGE_TO_IMAGE: (latent,),
-            Mode.INPAINT: (latent, inpainting),
-            Mode.DEPTH_TO_IMAGE: (depth,),
-        }[mode]
-        if given not in accepted:
-            what = {inpainting: " (an inpainting model: use inpaint)", depth: " (a depth model: use depth_to_image)"}
-            raise ValueError(
-                f"{mode.value} needs a U-Net with {' or '.join(map(str, accepted))} input channels"
-                + (" (latents + depth map, like stable-diffusion-2-depth)" if mode == Mode.DEPTH_TO_IMAGE else "")
-                + f"; this model's U-Net takes {given}{what.get(given, '')}"
-            )
-        if mode == Mode.INPAINT and mask is None:
-            raise ValueError(
-                "inpaint needs a mask (single-channel, white = repaint, black = keep)"
-                + (f"; this {given}-channel inpainting U-Net takes it as an input" if given == inpainting else "")
-                + ", got mask=None"
-            )
+def guided(guidance_scale) -> bool:
+    """Whether a request runs classifier-free guidance: not for ``guidance_scale=None`` or 1.0 for every image,
+    whose guided result is the conditional prediction (the guidance-free path then makes one U-Net call per
+    step on the images alone instead of two)."""
+    return guidance_scale is not None and not np.all(np.asarray(guidance_scale, np.float64) == 1.0)
 
 
 def _get_path(tree, key: tuple):

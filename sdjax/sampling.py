@@ -6,6 +6,7 @@ noise all live in the scan carry or are computed from the step index.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -66,12 +67,14 @@ def sample_evaluations(
     noise_fn: Optional[Callable] = None,
     callback: Optional[Callable] = None,
     after_step: Optional[Callable] = None,
+    model_takes_index: bool = False,
 ) -> SamplerCarry:
     """Run the model evaluations ``evaluations`` (an int array, in order) of the loop from ``carry``.
 
     Indices at or past ``schedule.num_evals`` are skipped, so a loop split into equal chunks (a progress
     display between them, each chunk the same compiled program) computes exactly what one ``sample``
-    call computes. Arguments as in ``sample``.
+    call computes. ``model_takes_index``: ``model_fn(x, t, i)`` also gets the evaluation index (what
+    acts on some steps only, such as a ControlNet's start/end, needs it). Other arguments as in ``sample``.
     """
     per_image = jnp.ndim(carry.first) == 1
     x_shape = carry.x.shape
@@ -87,10 +90,11 @@ def sample_evaluations(
 
     def run(loop, i):
         x, state = loop
+        step_fn = partial(model_fn, i=i) if model_takes_index else model_fn
         if per_image:
-            new_x, new_state = _per_image_step(model_fn, schedule, x, state, i, noise_at(i))
+            new_x, new_state = _per_image_step(step_fn, schedule, x, state, i, noise_at(i))
         else:
-            new_x, new_state = denoise_step(model_fn, schedule, x, state, i, noise_at(i))
+            new_x, new_state = denoise_step(step_fn, schedule, x, state, i, noise_at(i))
         if after_step is not None:
             new_x = after_step(new_x, i)
         if per_image:
@@ -186,8 +190,8 @@ def classifier_free_guidance(
     """
     context = jnp.concatenate([uncond_context, cond_context], axis=0)
 
-    def model_fn(x, t):
-        out = unet_fn(jnp.concatenate([x, x], axis=0), t, context).astype(jnp.float32)
+    def model_fn(x, t, **extra):
+        out = unet_fn(jnp.concatenate([x, x], axis=0), t, context, **extra).astype(jnp.float32)
         uncond, cond = jnp.split(out, 2, axis=0)
         return guide(uncond, cond, guidance_scale, guidance_rescale)
 
