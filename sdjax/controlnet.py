@@ -26,8 +26,6 @@ from typing import Any, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
 from sdjax import weights
 from sdjax.config import ControlNetConfig, UNetConfig
@@ -199,54 +197,6 @@ def _build(config: ControlNetConfig, params: dict, dtype) -> ControlNet:
     return ControlNet(config, params, ControlNetModel(config, dtype=dtype, param_dtype=dtype), jnp.dtype(dtype))
 
 
-def _weight_patterns(files: list[str], variant: Optional[str]) -> list[str]:
-    """The repo files a diffusers ControlNet needs: config.json and one weights format (safetensors if present)."""
-    stem = WEIGHTS_NAME.split(".")[0]
-    ext = "safetensors" if any(f.startswith(stem) and f.endswith(".safetensors") for f in files) else "bin"
-    single = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
-    return ["config.json", single, f"{stem}.{ext}.index*.json", f"{stem}*-of-*.{ext}"]
-
-
-def _download(repo_id: str, *, revision, token, variant) -> Path:
-    """A ControlNet hub repo's snapshot folder: the complete cached copy, else downloaded (root files only)."""
-    cache = weights.hub_cache_dir()
-
-    def complete(folder: Path) -> bool:
-        try:
-            weights.find_weights(folder, variant)
-        except FileNotFoundError:
-            return False
-        return (folder / "config.json").is_file()
-
-    try:
-        cached = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-    except (FileNotFoundError, OSError, ValueError):
-        cached = None
-    if cached is not None and complete(cached):
-        return cached
-    missing = ["config.json or weights"] if cached is not None else []
-    if weights._hub_offline():
-        raise weights._unreachable(repo_id, cache, "HF_HUB_OFFLINE=1 is set", missing)
-    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or weights.HUB_PROBE_TIMEOUT)
-    try:
-        info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=timeout)
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise FileNotFoundError(f"hub repo {repo_id!r} not found, private or gated ({type(e).__name__}); check the "
-                                "id, pass token= for a private or gated repo, or give a local path") from None
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
-    except weights._network_errors() as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
-        raise weights._unreachable(repo_id, cache, reason, missing) from None
-    files = [s.rfilename for s in info.siblings or ()]
-    folder = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache, etag_timeout=timeout,
-                                    allow_patterns=_weight_patterns(files, variant)))
-    if not complete(folder):
-        raise FileNotFoundError(f"hub repo {repo_id!r} is not a diffusers ControlNet (config.json + "
-                                f"{WEIGHTS_NAME}); its files: {', '.join(sorted(files)[:10])}")
-    return folder
-
-
 def load_controlnet(
     path_or_repo_id: Union[str, os.PathLike],
     *,
@@ -271,7 +221,8 @@ def load_controlnet(
     text = str(path_or_repo_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise FileNotFoundError(f"ControlNet not found: {text} (not a folder, a file or a hub repo id like 'org/name')")
-    return _from_folder(_download(text, revision=revision, token=token, variant=variant), dtype, variant, config)
+    folder = weights.component_snapshot(text, what="ControlNet", revision=revision, token=token, variant=variant)
+    return _from_folder(folder, dtype, variant, config)
 
 
 # --- saving ---------------------------------------------------------------------------------------------------

@@ -21,13 +21,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 from sdjax import weights
 from sdjax.config import T2IAdapterConfig
@@ -180,47 +173,6 @@ def _config_from(config: ConfigLike) -> T2IAdapterConfig:
     return T2IAdapterConfig.from_diffusers_config(path / CONFIG_NAME if path.is_dir() else path)
 
 
-def _folder_lacks(folder: Path) -> list[str]:
-    missing = [] if (folder / CONFIG_NAME).is_file() else [CONFIG_NAME]
-    try:
-        weights.find_weights(folder)
-    except FileNotFoundError:
-        missing.append("weights")
-    return missing
-
-
-def resolve_adapter_dir(repo_id: str, *, revision: Optional[str] = None, token: Optional[str] = None) -> Path:
-    """A hub repo id -> its snapshot folder (``config.json`` + weights): from the local Hugging Face cache when
-    complete there, else downloaded; without network, ``weights.HubUnreachableError`` as for models."""
-    cache = weights.hub_cache_dir()
-    missing: list[str] = []
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-        missing = _folder_lacks(folder)
-        if not missing:
-            return folder
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
-    if weights._hub_offline():
-        raise weights._unreachable(repo_id, cache, "HF_HUB_OFFLINE=1 is set", missing)
-    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or weights.HUB_PROBE_TIMEOUT)
-    try:  # one request, no retries: fails fast without network
-        info = HfApi().model_info(repo_id, revision=revision, token=token, timeout=timeout)
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise FileNotFoundError(f"hub repo {repo_id!r} not found, private or gated ({type(e).__name__}); check the "
-                                "id, pass token= for a private or gated repo, or give a local folder or file") from None
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
-    except weights._network_errors() as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
-        raise weights._unreachable(repo_id, cache, reason, missing) from None
-    files = [s.rfilename for s in info.siblings or ()]
-    ext = "safetensors" if any(f.endswith(".safetensors") for f in files) else "bin"
-    patterns = [CONFIG_NAME, f"diffusion_pytorch_model*.{ext}", f"diffusion_pytorch_model.{ext}.index.json"]
-    return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache, allow_patterns=patterns,
-                                  ignore_patterns=["*.fp16.*"], etag_timeout=timeout))
-
-
 def load_t2i_adapter(
     path_or_repo_id: Union[str, os.PathLike],
     *,
@@ -252,7 +204,7 @@ def load_t2i_adapter(
                 raise FileNotFoundError(
                     f"T2I-Adapter not found: {text} is no file or folder (and not a hub repo id like 'org/name')"
                 )
-            folder = resolve_adapter_dir(text, revision=revision, token=token)
+            folder = weights.component_snapshot(text, what="T2I-Adapter", revision=revision, token=token)
         if config is None and not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; a diffusers T2I-Adapter folder holds "
                                     f"{CONFIG_NAME} and {WEIGHTS_NAME} (or pass config=)")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
+from functools import partial
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,16 +180,6 @@ def _incomplete(folder: Path, variant: Optional[str]) -> list[str]:
     return missing
 
 
-def _cached_snapshot(repo_id: str, revision: Optional[str], variant: Optional[str], cache: Path) -> tuple:
-    """(the cached snapshot folder or None, what a cached but incomplete snapshot lacks)."""
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None, []
-    missing = _incomplete(folder, variant)
-    return (None if missing else folder), missing
-
-
 def _unreachable(repo_id: str, cache: Path, reason: str, missing: list[str]) -> HubUnreachableError:
     folder = cache / f"models--{repo_id.replace('/', '--')}"
     cached = (f"the copy in the local Hugging Face cache ({folder}) is incomplete (missing {', '.join(missing)})"
@@ -201,16 +192,29 @@ def _unreachable(repo_id: str, cache: Path, reason: str, missing: list[str]) -> 
     )
 
 
-def _download(repo_id: str, *, revision, token, variant) -> Path:
-    """The snapshot folder of a hub repo: from the local cache when complete there, else downloaded.
+def hub_snapshot(
+    repo_id: str,
+    *,
+    revision: Optional[str],
+    token: Optional[str],
+    lacks: Callable[[Path], list[str]],
+    patterns: Callable[[list[str]], tuple[list[str], list[str]]],
+) -> Path:
+    """The snapshot folder of a hub repo: the local cache's copy when ``lacks(folder)`` finds nothing missing,
+    else downloaded with ``patterns(repo files) -> (allow, ignore)``.
 
     Without network (or with ``HF_HUB_OFFLINE=1``) and no complete cached copy, raises ``HubUnreachableError``
     after one short request instead of huggingface_hub's retry loop.
     """
     cache = hub_cache_dir()
-    cached, missing = _cached_snapshot(repo_id, revision, variant, cache)
-    if cached is not None:
-        return cached
+    missing: list[str] = []
+    try:
+        cached = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        missing = lacks(cached)
+        if not missing:
+            return cached
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
     if _hub_offline():
         raise _unreachable(repo_id, cache, "HF_HUB_OFFLINE=1 is set", missing)
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
@@ -219,34 +223,59 @@ def _download(repo_id: str, *, revision, token, variant) -> Path:
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise FileNotFoundError(
             f"hub repo {repo_id!r} not found, private or gated ({type(e).__name__}); check the id, pass token= "
-            "for a private or gated repo, or give a local folder path"
+            "for a private or gated repo, or give a local path"
         ) from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
     except _network_errors() as e:  # no network, DNS failure, timeout, refused connection
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
         raise _unreachable(repo_id, cache, reason, missing) from None
-    files = [s.rfilename for s in info.siblings or ()]
-    has_safetensors = any(f.endswith(".safetensors") for f in files)
-    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt"]
-    weight_ext = "safetensors" if has_safetensors else "bin"
+    allow, ignore = patterns([s.rfilename for s in info.siblings or ()])
+    return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache, allow_patterns=allow,
+                                  ignore_patterns=ignore, etag_timeout=timeout))
+
+
+def _model_patterns(variant: Optional[str], files: list[str]) -> tuple[list[str], list[str]]:
+    weight_ext = "safetensors" if any(f.endswith(".safetensors") for f in files) else "bin"
+    allow = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt"]
     for component in ("text_encoder", "unet", "vae"):
-        if variant:
-            patterns.append(f"{component}/*.{variant}*.{weight_ext}")
-        else:
-            patterns.append(f"{component}/*.{weight_ext}")
-    ignore = [] if variant else ["*.fp16.*", "*.ema.*", "*.non_ema.*"]
-    return Path(
-        snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            cache_dir=cache,
-            allow_patterns=patterns,
-            ignore_patterns=ignore,
-            etag_timeout=timeout,
-        )
-    )
+        allow.append(f"{component}/*.{variant}*.{weight_ext}" if variant else f"{component}/*.{weight_ext}")
+    return allow, [] if variant else ["*.fp16.*", "*.ema.*", "*.non_ema.*"]
+
+
+def _download(repo_id: str, *, revision, token, variant) -> Path:
+    """A whole diffusers pipeline repo's snapshot folder (``hub_snapshot``)."""
+    return hub_snapshot(repo_id, revision=revision, token=token, lacks=partial(_incomplete, variant=variant),
+                        patterns=partial(_model_patterns, variant))
+
+
+def _component_lacks(folder: Path, variant: Optional[str]) -> list[str]:
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    try:
+        find_weights(folder, variant)
+    except FileNotFoundError:
+        missing.append("weights")
+    return missing
+
+
+def _component_patterns(variant: Optional[str], files: list[str]) -> tuple[list[str], list[str]]:
+    stem = "diffusion_pytorch_model"
+    ext = "safetensors" if any(f.startswith(stem) and f.endswith(".safetensors") for f in files) else "bin"
+    single = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+    return ["config.json", single, f"{stem}.{ext}.index*.json", f"{stem}*-of-*.{ext}"], []
+
+
+def component_snapshot(repo_id: str, *, what: str, revision: Optional[str] = None, token: Optional[str] = None,
+                       variant: Optional[str] = None) -> Path:
+    """The snapshot folder of a one-model diffusers repo (a ControlNet, a T2I-Adapter: ``config.json`` and
+    ``diffusion_pytorch_model`` weights at its root), cached or downloaded as ``hub_snapshot``."""
+    folder = hub_snapshot(repo_id, revision=revision, token=token, lacks=partial(_component_lacks, variant=variant),
+                          patterns=partial(_component_patterns, variant))
+    missing = _component_lacks(folder, variant)
+    if missing:
+        raise FileNotFoundError(f"hub repo {repo_id!r} is not a diffusers {what} (it lacks {', '.join(missing)} "
+                                "at its root)")
+    return folder
 
 
 def read_model_config(folder: Path) -> ModelConfig:
