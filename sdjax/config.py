@@ -112,6 +112,8 @@ class UNetConfig:
     norm_eps: float = 1e-5
     downsample_padding: int = 1
     center_input_sample: bool = False
+    # Guidance-distilled U-Nets (LCM): width of the guidance embedding added to the timestep embedding.
+    time_cond_proj_dim: Optional[int] = None
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "UNetConfig":
@@ -142,7 +144,6 @@ class UNetConfig:
         _reject("unet", data, "mid_block_only_cross_attention", (None, False))
         _reject("unet", data, "conv_in_kernel", (3,))
         _reject("unet", data, "conv_out_kernel", (3,))
-        _reject("unet", data, "time_cond_proj_dim", (None,))
         _reject("unet", data, "projection_class_embeddings_input_dim", (None,))
         _reject("unet", data, "num_class_embeds", (None,))
         _reject("unet", data, "reverse_transformer_layers_per_block", (None,))

@@ -139,6 +139,31 @@ def pndm_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
     return np.round(np.arange(num_train, 0, -num_train / n))[::-1].astype(np.int64) - 1
 
 
+def consistency_timesteps(num_train: int, n: int, original_steps: int, strength: float = 1.0) -> np.ndarray:
+    """Descending integer timesteps of LCM and TCD: ``n`` of the distillation grid (every
+    ``num_train // original_steps``-th timestep, ending at that step minus one), evenly spaced in index.
+
+    ``strength`` < 1 keeps the lowest ``int(original_steps * strength)`` grid points and spreads the ``n``
+    steps over them (diffusers' ``set_timesteps(strength=)``, as its LCM image-to-image pipeline calls it).
+    """
+    if not 1 <= original_steps <= num_train:
+        raise ValueError(f"original_inference_steps must be between 1 and {num_train}, got {original_steps}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if n > original_steps:
+        raise ValueError(f"num_steps={n} cannot exceed original_inference_steps={original_steps}")
+    grid_size = int(original_steps * strength)
+    if grid_size < n:
+        raise ValueError(
+            f"original_inference_steps * strength = {original_steps} * {strength} leaves {grid_size} grid timesteps, "
+            f"fewer than num_steps={n}"
+        )
+    stride = num_train // original_steps
+    grid = (np.arange(1, grid_size + 1) * stride - 1)[::-1]
+    picks = np.floor(np.linspace(0, grid_size, num=n, endpoint=False)).astype(np.int64)
+    return grid[picks].astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # Sigma grids
 # --------------------------------------------------------------------------------------------
@@ -235,7 +260,12 @@ def k_diffusion_sigma_table(config: SchedulerConfig) -> np.ndarray:
 def uniform_sigmas(sigma_table: np.ndarray, n: int) -> np.ndarray:
     """k-diffusion ``DiscreteSchedule.get_sigmas(n)``: t = linspace(t_max, 0, n), sigma(t) interpolated
     linearly in log sigma between the neighbouring table entries (float32 throughout)."""
-    t = _linspace_f32(len(sigma_table) - 1, 0, n)
+    return interp_log_sigmas(sigma_table, _linspace_f32(len(sigma_table) - 1, 0, n))
+
+
+def interp_log_sigmas(sigma_table: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """k-diffusion ``DiscreteSchedule.t_to_sigma``: sigma at fractional table indices ``t`` (float32),
+    interpolated linearly in log sigma between the neighbouring entries."""
     low = np.floor(t).astype(np.int64)
     high = np.ceil(t).astype(np.int64)
     w = (t - np.floor(t)).astype(_F32)
@@ -288,3 +318,32 @@ def k_diffusion_grid(config: SchedulerConfig, n: int, grid: str, quantize: bool 
         sigmas = exponential_sigmas(n, sigma_min, sigma_max)
     timesteps = k_diffusion_sigma_to_t(sigmas, table, quantize)
     return timesteps, np.concatenate([sigmas, [0.0]]).astype(_F32)
+
+
+def lcm_a1111_grid(config: SchedulerConfig, n: int, grid: str, original_steps: int = 50):
+    """U-Net timesteps (float32) and sigmas (float32, a final 0 appended) of A1111's "LCM" sampler.
+
+    A1111 samples LCM on k-diffusion's sigmas restricted to the distillation grid (the LDM table at
+    the ``original_steps`` timesteps T - 1, T - 1 - T // original_steps, ...). "uniform" (its
+    Automatic schedule) spaces the steps evenly in grid index, linearly interpolated in log sigma;
+    "karras" and "exponential" span that grid's extreme sigmas. Each sigma's U-Net timestep is the
+    grid timestep nearest in log sigma.
+    """
+    if grid not in K_DIFFUSION_GRIDS:
+        raise ValueError(f"sigmas={grid!r} is not supported; choose from {list(K_DIFFUSION_GRIDS)}")
+    num_train = config.num_train_timesteps
+    if not 1 <= original_steps <= num_train:
+        raise ValueError(f"original_inference_steps must be between 1 and {num_train}, got {original_steps}")
+    stride = num_train // original_steps
+    grid_timesteps = num_train - 1 - np.arange(original_steps)[::-1] * stride  # ascending
+    table = k_diffusion_sigma_table(config)[grid_timesteps]
+    if grid == "uniform":
+        first, last = _F32(grid_timesteps[-1]), _F32(grid_timesteps[0])
+        t = (_linspace_f32(first, last, n) - last) / _F32(stride)
+        sigmas = interp_log_sigmas(table, np.clip(t, 0, original_steps - 1).astype(_F32))
+    elif grid == "karras":
+        sigmas = karras_sigmas_f32(n, float(table[0]), float(table[-1]))
+    else:
+        sigmas = exponential_sigmas(n, float(table[0]), float(table[-1]))
+    nearest = k_diffusion_sigma_to_t(sigmas, table, quantize=True).astype(np.int64)
+    return grid_timesteps[nearest].astype(_F32), np.concatenate([sigmas, [0.0]]).astype(_F32)

@@ -27,6 +27,7 @@ K_EXPECTED = {
     "DPM++ 2M": ("dpmpp_2m", "karras"),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "exponential"),
     "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", "exponential"),
+    "LCM": ("lcm", "uniform"),
 }
 K_EXTRA = {"DPM++ 2M SDE Heun": {"solver_type": "heun"}}
 TIMESTEP_EXPECTED = {
@@ -111,7 +112,7 @@ def test_unknown_names_list_accepted_values():
         ValueError, match=r"unknown schedule type 'SGM Uniform'; accepted: \['Automatic', 'Uniform', 'Karras', 'Exponential'\]"
     ):
         from_a1111("Euler", "SGM Uniform")
-    with pytest.raises(ValueError, match=r"unknown sampler 'dpm_fast'; accepted: sdjax names \['ddim'.*'unipc'\] or A1111 names \['Euler a'.*schedule types \['Automatic'"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'dpm_fast'; accepted: sdjax names \['ddim'.*'tcd'\] or A1111 names \['Euler a'.*schedule types \['Automatic'"):
         resolve_sampler("dpm_fast")
     with pytest.raises(ValueError, match="unknown schedule type 'Beta'"):
         resolve_sampler("euler", "Beta")
@@ -137,6 +138,8 @@ def test_to_a1111():
         ("pndm", ()): ("PLMS", "Automatic"),
         ("unipc", ()): ("UniPC", "Automatic"),
         ("ddpm", ()): ("DDPM", "Automatic"),
+        ("lcm", ()): ("LCM", "Uniform"),
+        ("tcd", ()): ("TCD", "Automatic"),
     }
     for (name, options), expected in cases.items():
         assert to_a1111(name, dict(options)) == expected, name
@@ -181,7 +184,7 @@ def test_resolve_sampler():
         resolve_sampler("DPM++ 2M", "Karras", {"sigmas": "uniform"})
     with pytest.raises(ValueError, match=r"contradicts schedule type 'Exponential'"):
         resolve_sampler("euler", "Exponential", {"sigmas": "karras"})
-    with pytest.raises(ValueError, match=r"scheduler 'ddim' takes no schedule type \(got 'Karras'\); schedule types apply to \['lms', 'euler', 'euler_a', 'heun', 'dpmpp_2m', 'dpmpp_2m_sde'\]"):
+    with pytest.raises(ValueError, match=r"scheduler 'ddim' takes no schedule type \(got 'Karras'\); schedule types apply to \['lms', 'euler', 'euler_a', 'heun', 'dpmpp_2m', 'dpmpp_2m_sde', 'lcm'\]"):
         resolve_sampler("ddim", "Karras")
     with pytest.raises(ValueError, match="names schedule type 'Karras' but schedule_type='Uniform'"):
         resolve_sampler("DPM++ 2M Karras", "Uniform")

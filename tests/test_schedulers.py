@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm, scheduling_tcd
 
 from reference import rel_err
 from sdjax import sampling, samplers
@@ -76,6 +76,8 @@ def run_diffusers(name, config, steps, noise, step_noise, monkeypatch, *, start_
 
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", injected_randn)
     monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", injected_randn)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", injected_randn)
+    monkeypatch.setattr(scheduling_tcd, "randn_tensor", injected_randn)
     for j, t in enumerate(timesteps):
         current["i"] = first + j
         out = stand_in_torch(sched.scale_model_input(x, t), t)
@@ -84,6 +86,8 @@ def run_diffusers(name, config, steps, noise, step_noise, monkeypatch, *, start_
             kwargs = dict(eta=options["eta"], variance_noise=injected_randn())
         if name == "dpmpp_2m_sde":
             kwargs = dict(variance_noise=injected_randn())
+        if name == "tcd":  # as diffusers' pipelines call it (TCDScheduler.step's own default is 0.3)
+            kwargs = dict(eta=options.get("eta", 0.0))
         x = sched.step(out, t, x, **kwargs).prev_sample
     return x_init, to_numpy(x), sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma)
 

@@ -138,15 +138,29 @@ def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, *, use_bia
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal timestep embedding: linear_1 -> SiLU -> linear_2."""
+    """MLP on the sinusoidal timestep embedding: linear_1 -> SiLU -> linear_2.
+
+    With ``cond_proj_dim`` (guidance-distilled U-Nets) a bias-free projection ``cond_proj`` of the
+    condition (B, cond_proj_dim) is added to the sinusoidal embedding first; a missing condition adds
+    nothing (the projection of zeros), as in diffusers, and keeps the parameter in the tree.
+    """
 
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cond_proj_dim: Optional[int] = None
 
     @nn.compact
-    def __call__(self, t_emb: jax.Array) -> jax.Array:
-        x = dense(self.features, self.dtype, self.param_dtype, "linear_1")(t_emb.astype(self.dtype))
+    def __call__(self, t_emb: jax.Array, condition: Optional[jax.Array] = None) -> jax.Array:
+        t_emb = t_emb.astype(self.dtype)
+        if self.cond_proj_dim is not None:
+            if condition is None:
+                condition = jnp.zeros((t_emb.shape[0], self.cond_proj_dim), self.dtype)
+            project = dense(t_emb.shape[-1], self.dtype, self.param_dtype, "cond_proj", use_bias=False)
+            t_emb = t_emb + project(condition.astype(self.dtype))
+        elif condition is not None:
+            raise ValueError("this time embedding has no cond_proj (time_cond_proj_dim is None): pass no condition")
+        x = dense(self.features, self.dtype, self.param_dtype, "linear_1")(t_emb)
         x = nn.silu(x)
         return dense(self.features, self.dtype, self.param_dtype, "linear_2")(x)
 

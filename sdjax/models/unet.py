@@ -179,6 +179,17 @@ class UNet2DConditionModel(nn.Module):
         if jnp.ndim(timesteps) > 1 or jnp.size(timesteps) not in (1, batch):
             raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got shape {jnp.shape(timesteps)}")
 
+    def _check_timestep_cond(self, timestep_cond, batch: int) -> None:
+        dim = self.config.time_cond_proj_dim
+        if timestep_cond is None:
+            return
+        if dim is None:
+            raise ValueError("timestep_cond was given but this U-Net takes none (its time_cond_proj_dim is None)")
+        if timestep_cond.ndim != 2 or timestep_cond.shape[1] != dim or timestep_cond.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep_cond must be ({batch}, {dim}) (time_cond_proj_dim={dim}); got shape {timestep_cond.shape}"
+            )
+
     @nn.compact
     def __call__(
         self,
@@ -189,13 +200,19 @@ class UNet2DConditionModel(nn.Module):
         down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
         mid_block_additional_residual: Optional[jax.Array] = None,
         down_intrablock_additional_residuals: Optional[Sequence[jax.Array]] = None,
+        timestep_cond: Optional[jax.Array] = None,
     ) -> jax.Array:
-        """The residual inputs follow diffusers: ``down_block_additional_residuals`` (ControlNet, one per skip
+        """``timestep_cond`` (B, time_cond_proj_dim): the guidance embedding of guidance-distilled U-Nets
+        (LCM; ``sdjax.samplers.guidance_embedding``), added to the timestep embedding through
+        ``time_embedding.cond_proj``; omitted, it adds nothing.
+
+        The residual inputs follow diffusers: ``down_block_additional_residuals`` (ControlNet, one per skip
         connection) are added to the skips and ``mid_block_additional_residual`` to the mid block's output;
         ``down_intrablock_additional_residuals`` (T2I-Adapter) are consumed in order, one per down block, then
         one more after the mid block if its shape matches."""
         cfg, dt, pdt, impl = self.config, self.dtype, self.param_dtype, self.attention_implementation
         self._check_inputs(sample, timesteps, encoder_hidden_states)
+        self._check_timestep_cond(timestep_cond, sample.shape[0])
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
@@ -215,7 +232,8 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(
             t, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
         )
-        temb = TimestepEmbedding(4 * channels[0], dt, pdt, name="time_embedding")(t_emb)
+        time_embedding = TimestepEmbedding(4 * channels[0], dt, pdt, cfg.time_cond_proj_dim, name="time_embedding")
+        temb = time_embedding(t_emb, timestep_cond)
 
         x = conv(channels[0], 3, dt, pdt, "conv_in")(x)
         skips = [x]

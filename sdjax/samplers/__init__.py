@@ -8,8 +8,8 @@ trajectories match it step for step. What depends on the sample runs under jit i
 one ``lax.scan`` (``sdjax.sampling.sample``), through the step function the schedule carries.
 
 Families: ``vp`` (DDIM, DDPM, PNDM), ``k`` (LMS, Euler, Euler ancestral, Heun), ``multistep``
-(DPM-Solver++, UniPC). ``names``: A1111 sampler names and schedule types (``from_a1111``,
-``to_a1111``, ``resolve_sampler``).
+(DPM-Solver++, UniPC), ``few_step`` (LCM, TCD: distilled models; ``guidance_embedding``). ``names``:
+A1111 sampler names and schedule types (``from_a1111``, ``to_a1111``, ``resolve_sampler``).
 
 A1111 / ComfyUI sampling: lms, euler, euler_a, heun, dpmpp_2m and dpmpp_2m_sde take ``sigmas`` =
 "uniform" | "karras" | "exponential" (and ``quantize``), which replaces diffusers' grid by
@@ -40,7 +40,8 @@ import numpy as np
 
 from sdjax.config import TIMESTEP_SPACINGS, SchedulerConfig
 from sdjax.schedules import K_DIFFUSION_GRIDS
-from sdjax.samplers import k, multistep, vp
+from sdjax.samplers import few_step, k, multistep, vp
+from sdjax.samplers.few_step import distillation_options, guidance_embedding
 from sdjax.samplers.names import A1111_SAMPLERS, SCHEDULE_TYPES, from_a1111, resolve_sampler, to_a1111
 from sdjax.samplers.schedule import (
     Parameterization,
@@ -69,7 +70,9 @@ __all__ = [
     "Parameterization",
     "Schedule",
     "add_noise",
+    "distillation_options",
     "first_eval",
+    "guidance_embedding",
     "init_state",
     "make_schedule",
     "model_input",
@@ -91,6 +94,8 @@ _SAMPLERS = {
     "dpmpp_2m_karras": multistep.DPMPP_2M_KARRAS,
     "dpmpp_2m_sde": multistep.DPMPP_2M_SDE,
     "unipc": multistep.UNIPC,
+    "lcm": few_step.LCM,
+    "tcd": few_step.TCD,
 }
 
 SCHEDULERS = tuple(_SAMPLERS)
@@ -109,6 +114,8 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 # The defaults of each diffusers scheduler class for the config keys whose default differs between
@@ -127,6 +134,9 @@ DIFFUSERS_DEFAULTS = {
     "dpmpp_2m_karras": _LINSPACE,
     "dpmpp_2m_sde": _LINSPACE,
     "unipc": _LINSPACE,
+    # LCM and TCD read neither the spacing nor set_alpha_to_one (their last step never looks below t = 0).
+    "lcm": {**_LEADING, "set_alpha_to_one": True, "clip_sample": False},
+    "tcd": {**_LEADING, "set_alpha_to_one": True},
 }
 # What the keys a sampler never reads resolve to (any value: unused).
 _UNUSED = {"timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True}
@@ -175,6 +185,8 @@ def _check_options(name: str, sampler: Sampler, options: dict) -> dict:
         raise ValueError(f"scheduler {name!r}: eta must be >= 0, got {merged['eta']!r}")
     if "disable_corrector" in merged:
         merged["disable_corrector"] = tuple(int(k) for k in merged["disable_corrector"])
+    if merged.get("timesteps") is not None:
+        merged["timesteps"] = tuple(int(t) for t in merged["timesteps"])
     return merged
 
 
@@ -194,6 +206,18 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     (``sdjax.schedules.k_diffusion_grid``; not combinable with ``timestep_spacing`` or
     ``use_karras_sigmas``), ``quantize`` (with ``sigmas`` only; default False): integer U-Net timesteps,
     the nearest table entry, as A1111's "Enable quantization in K samplers".
+
+    lcm and tcd (diffusers' ``LCMScheduler`` / ``TCDScheduler``; ``sdjax.samplers.few_step``):
+    ``original_inference_steps`` (50: the distillation grid, as the scheduler config sets it;
+    ``distillation_options`` reads it from a scheduler_config.json), ``strength`` (1.0; < 1 spreads
+    the steps over the lowest part of that grid, ``set_timesteps(strength=)`` as diffusers' LCM
+    image-to-image pipeline uses it: all ``num_steps`` run, from ``add_noise`` at step 0; the
+    generic image-to-image of diffusers slices instead, sdjax's ``start_step``), ``timesteps``
+    (None | a strictly descending list of ``num_steps`` integers, replacing the grid); lcm:
+    ``timestep_scaling`` (10.0), ``sigmas`` (None | "uniform" | "karras" | "exponential": A1111's
+    "LCM" sampler instead, ``sdjax.schedules.lcm_a1111_grid``); tcd: ``eta`` (gamma in [0, 1]; 0.0 as
+    diffusers' pipelines pass it, TCD recipes use 0.3). All but ``sigmas`` only change table values
+    and are not part of ``Schedule.options``: new values do not recompile (eta 0 against > 0 does).
     """
     if name not in _SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; valid names: {list(SCHEDULERS)}")
@@ -211,6 +235,7 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     if opts.get("skip_prk_steps", False) is None:
         opts["skip_prk_steps"] = config.skip_prk_steps
     arrays = sampler.build(config, num_steps, opts)
+    static_options = {key: value for key, value in opts.items() if key not in sampler.traced_options}
     return Schedule(
         name=name,
         prediction_type=config.prediction_type,
@@ -218,7 +243,7 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
         evals_per_step=sampler.evals_per_step,
         init_noise_sigma=float(arrays.init_noise_sigma),
         stochastic=bool(sampler.stochastic(opts)),
-        options=tuple(sorted(opts.items())),
+        options=tuple(sorted(static_options.items())),
         step_fn=sampler.step,
         init_fn=sampler.init,
         param=param,

@@ -18,6 +18,7 @@ Heun                heun          Uniform
 DPM++ 2M            dpmpp_2m      Karras
 DPM++ 2M SDE        dpmpp_2m_sde  Exponential
 DPM++ 2M SDE Heun   dpmpp_2m_sde  Exponential, solver_type "heun"
+LCM                 lcm           Uniform (A1111 1.8+: its own grid of 50)
 ==================  ============  ==========================================
 
 "Automatic" is each sampler's own schedule in A1111 1.9+ (its ``samplers_k_diffusion`` table:
@@ -46,8 +47,10 @@ Going back (``to_a1111``), diffusers-style sdjax schedules name their nearest A1
 which samples close to but not exactly like them: without ``sigmas`` the k-samplers report
 "Uniform" (diffusers' own grid) or "Karras" (``use_karras_sigmas``); ``dpmpp_2m_karras`` is
 "DPM++ 2M" / "Karras". ``quantize`` is not part of A1111's infotext and is not reported.
-``ddpm`` has no A1111 counterpart: it is written as "DDPM" (A1111 does not know it; sdjax reads
-it back as ``ddpm``).
+``ddpm`` and ``tcd`` have no A1111 counterpart: they are written as "DDPM" and "TCD" (A1111 does not
+know them; sdjax reads them back). A1111's "LCM" (``sdjax.samplers.few_step``) samples LCM on
+k-diffusion sigmas over the distillation grid; without ``sigmas``, ``lcm`` is diffusers'
+``LCMScheduler`` (other timesteps: 999, 759, 499, 259 against A1111's 999, 679, 339, 19 at 4 steps).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ _K_SAMPLERS = {
     "DPM++ 2M": ("dpmpp_2m", "Karras", {}),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "Exponential", {}),
     "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", "Exponential", {"solver_type": "heun"}),
+    "LCM": ("lcm", "Uniform", {}),
 }
 _TIMESTEP_SAMPLERS = {
     "DDIM": ("ddim", {"timestep_spacing": "leading"}),
@@ -70,7 +74,7 @@ _TIMESTEP_SAMPLERS = {
     "UniPC": ("unipc", {"solver_order": 3}),
 }
 # sdjax's own name for infotexts of the one sampler A1111 lacks; read back, never listed as A1111's.
-_SDJAX_ONLY = {"DDPM": ("ddpm", {})}
+_SDJAX_ONLY = {"DDPM": ("ddpm", {}), "TCD": ("tcd", {})}
 
 A1111_SAMPLERS = tuple(_K_SAMPLERS) + tuple(_TIMESTEP_SAMPLERS)
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")

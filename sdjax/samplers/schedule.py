@@ -109,6 +109,9 @@ class Sampler:
     options: dict = dataclasses.field(default_factory=dict)  # accepted options and their defaults
     evals_per_step: int = 1  # model evaluations per inference step (Heun: 2)
     stochastic: Callable = never  # (options) -> whether the step consumes fresh noise
+    # Options that build only puts into the tables (array leaves): left out of ``Schedule.options``, so
+    # schedules that differ in them share one compilation.
+    traced_options: tuple = ()
 
 
 @jax.tree_util.register_dataclass
