@@ -398,17 +398,21 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
     """Run the guided sampler's model evaluations ``evaluations`` (indices past the last are skipped)."""
     params = merge_loaded_lora(params, request.lora_scales)
     models, extra_channels = program.models, carry.extra_channels
+    embeds_guidance = models.unet.config.time_cond_proj_dim is not None
 
     def unet_fn(latents, t, ctx, i):
         residuals = {}
+        if embeds_guidance:  # guidance-distilled (LCM) U-Nets take w = scale - 1 embedded, instead of guidance
+            cond = samplers.guidance_embedding(request.guidance - 1.0, models.unet.config.time_cond_proj_dim)
+            residuals["timestep_cond"] = jnp.concatenate([cond] * (latents.shape[0] // cond.shape[0]))
         if program.controls:  # on the latents alone, before an inpainting or depth U-Net's extra channels
             def weight_of(given):
                 return given.scale * control.keep(i, carry.sampler.first, schedule.num_evals, given.start, given.end)
 
-            residuals = control.residuals(
+            residuals.update(control.residuals(
                 program.controls, params["controls"], request.controls, carry.control_features, latents, t,
                 carry.uncond_context, carry.cond_context, weight_of,
-            ).as_kwargs()
+            ).as_kwargs())
         if extra_channels is not None:  # appended after the sampler's input scaling, for [uncond; cond] if guided
             copies = latents.shape[0] // extra_channels.shape[0]
             extra = jnp.concatenate([extra_channels] * copies).astype(latents.dtype)

@@ -388,7 +388,7 @@ class StableDiffusion:
 
         Options: ``num_images_per_prompt`` (1), ``steps`` (50), ``guidance_scale`` (7.5; one value or one
         per image; None, or 1.0 for every image, runs the guidance-free path: one U-Net call per step, no negative
-        prompt), ``height``/``width`` (the model's native size), ``seed`` (0; one or one per image),
+        prompt; guidance-distilled U-Nets (LCM, ``time_cond_proj_dim``) always run it, taking the scale as an input), ``height``/``width`` (the model's native size), ``seed`` (0; one or one per image),
         ``scheduler`` ("dpmpp_2m"; an sdjax name, ``sdjax.samplers.SCHEDULERS``, or an AUTOMATIC1111 name
         such as "DPM++ 2M" or "Euler a Karras", ``sdjax.samplers.A1111_SAMPLERS``), ``schedule_type``
         (A1111's "Automatic" | "Uniform" | "Karras" | "Exponential": k-diffusion's sigma grids),
@@ -579,7 +579,8 @@ class StableDiffusion:
         if controls:
             control_inputs = conditions.control_condition(controls, size, expand, count, self.vae_scale_factor)
             request = dataclasses.replace(request, controls=control_inputs)
-        program = Program(models, latent_shape, output, specs, guided=guided(guidance_scale))
+        embeds_guidance = self.config.unet.time_cond_proj_dim is not None  # LCM: guidance is a U-Net input
+        program = Program(models, latent_shape, output, specs, guided=guided(guidance_scale) and not embeds_guidance)
         return Job(request, schedule, program, progress=bool(progress), control_params=control_params)
 
     def run(self, job: Job, parallel_mode: Optional[str] = None):
