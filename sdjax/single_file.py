@@ -234,7 +234,12 @@ def _infer_unet(u: Mapping[str, np.ndarray], family: str, base: UNetConfig) -> U
         cross_attention_dim=int(cross_attention.shape[1]),
         use_linear_projection=proj_in.ndim == 2,
         upcast_attention=base.upcast_attention,
+        # LCM-distilled U-Nets (diffusers' converter keeps diffusers' own name for this one layer)
+        time_cond_proj_dim=int(u[_COND_PROJ].shape[1]) if _COND_PROJ in u else None,
     )
+
+
+_COND_PROJ = "time_embedding.cond_proj.weight"
 
 
 def _infer_vae(v: Mapping[str, np.ndarray], base: VAEConfig, scale_factor) -> VAEConfig:

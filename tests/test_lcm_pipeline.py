@@ -55,3 +55,18 @@ def test_guidance_is_an_input_of_one_program(sd):
     sd.text_to_image(PROMPTS, steps=2, guidance_scale=None, scheduler="lcm", output="latent")
     assert sd.executor.compile_count() == compiles
     assert not np.allclose(first, second)
+
+
+def test_lcm_single_file_round_trip(sd, tmp_path):
+    import jax
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "lcm.safetensors"
+    sd.save_single_file(path)
+    state = load_file(path)
+    assert "model.diffusion_model.time_embedding.cond_proj.weight" in state  # diffusers' converter's name
+    loaded = StableDiffusion.from_single_file(path, dtype=jnp.float32)
+    assert loaded.config.unet.time_cond_proj_dim == 8
+    cond = loaded.params["unet"]["time_embedding"]["cond_proj"]["kernel"]
+    np.testing.assert_array_equal(cond, sd.params["unet"]["time_embedding"]["cond_proj"]["kernel"])
+    assert jax.tree.structure(loaded.params["unet"]) == jax.tree.structure(sd.params["unet"])

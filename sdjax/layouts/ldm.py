@@ -109,6 +109,8 @@ def unet_module_table(config: UNetConfig) -> dict[str, str]:
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+    if config.time_cond_proj_dim is not None:  # LCM U-Nets: single files keep diffusers' name for it
+        table["time_embedding.cond_proj"] = "time_embedding.cond_proj"
     last = len(config.block_out_channels) - 1
     per_block = config.layers_per_block
     index = 1
