@@ -19,8 +19,7 @@ from PIL import Image
 
 from sdjax import infotext, inputs, preprocess
 from sdjax.control import Control, ControlModel, check_controls
-from sdjax.controlnet import SINGLE_FILE_SUFFIXES, ControlNet, check_compatible, load_controlnet
-from sdjax.pipeline import builtin_model_dir
+from sdjax.controlnet import SINGLE_FILE_SUFFIXES, ControlNet, builtin_controlnet_dir, check_compatible, load_controlnet
 from sdjax.t2i_adapter import load_t2i_adapter
 
 BUILTIN = "builtin"
@@ -197,10 +196,6 @@ def plan_controls(args) -> Optional[ControlPlan]:
         if model != BUILTIN and looks_local and not Path(model).expanduser().exists():
             raise FileNotFoundError(f"--controlnet not found: {model}")
     return ControlPlan(sources, images, tuple(models), scales, starts, ends, bool(args.guess_mode))
-
-
-def builtin_controlnet_dir() -> Path:
-    return builtin_model_dir() / "controlnet"
 
 
 def _class_name(folder: Path) -> Optional[str]:

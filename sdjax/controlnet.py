@@ -197,6 +197,21 @@ def _build(config: ControlNetConfig, params: dict, dtype) -> ControlNet:
     return ControlNet(config, params, ControlNetModel(config, dtype=dtype, param_dtype=dtype), jnp.dtype(dtype))
 
 
+def builtin_controlnet_dir() -> Path:
+    """Where the built-in model's ControlNet (Canny edges of its shapes) is shipped in the package."""
+    return Path(__file__).resolve().parent / "assets" / "builtin" / "controlnet"
+
+
+def builtin_controlnet(dtype=None) -> ControlNet:
+    """The built-in model's ControlNet: trained by sdjax on Canny edges of the shapes data set
+    (``scripts/train_builtin_controlnet.py``), for ``StableDiffusion.default()``."""
+    folder = builtin_controlnet_dir()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"the built-in model's ControlNet is not installed ({folder} is missing); "
+                                "load another with load_controlnet(path_or_repo_id)")
+    return load_controlnet(folder, dtype=dtype)
+
+
 def load_controlnet(
     path_or_repo_id: Union[str, os.PathLike],
     *,
