@@ -110,18 +110,51 @@ def run_with_draws(pipe, module_name, monkeypatch, noise, posterior, **call):
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_controlnet_text_to_image_matches_diffusers(sd, tiny_pipeline_dir, controlnet_dirs, controlnets, guess_mode):
     pipe = torch_controlnet_pipeline("StableDiffusionControlNetPipeline", tiny_pipeline_dir, controlnet_dirs[:1])
+    call = dict(num_inference_steps=STEPS, guidance_scale=7.5, latents=nchw(NOISE), control_guidance_start=0.2,
+                control_guidance_end=0.9, guess_mode=guess_mode, output_type="np")
     with torch.no_grad():
-        expected = pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=7.5,
-                        latents=nchw(NOISE), controlnet_conditioning_scale=0.8, control_guidance_start=0.2,
-                        control_guidance_end=0.9, guess_mode=guess_mode, output_type="np").images
+        expected = pipe(PROMPTS, control_images(), controlnet_conditioning_scale=0.8, **call).images
+        uncontrolled = pipe(PROMPTS, control_images(), controlnet_conditioning_scale=0.0, **call).images
     control = Control(controlnets[0], control_images(), scale=0.8, start=0.2, end=0.9, guess_mode=guess_mode)
     latents = sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, scheduler="pndm", latents=NOISE, controls=[control],
                                output="latent")
-    err = rel_err(decode_unit(sd, latents), expected)
-    without = rel_err(decode_unit(sd, sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, scheduler="pndm",
-                                                        latents=NOISE, output="latent")), expected)
-    print(f"ControlNet text-to-image guess_mode={guess_mode}: rel err {err:.2e} (without the control {without:.2e})")
+    ours = decode_unit(sd, latents)
+    err, without = rel_err(ours, expected), rel_err(ours, uncontrolled)
+    print(f"ControlNet text-to-image guess_mode={guess_mode}: rel err {err:.2e} (to the uncontrolled image {without:.2e})")
     assert err < 1e-3 and without > 30 * err
+
+
+def test_controls_on_the_guidance_free_path_match_diffusers(sd, tiny_pipeline_dir, controlnet_dirs, controlnets,
+                                                            adapter_dir):
+    """Guidance 1: diffusers runs no classifier-free guidance, sdjax takes its guidance-free path; a ControlNet
+    (guess mode: its ramp, no halves) and an adapter together."""
+    import diffusers
+
+    pipe = torch_controlnet_pipeline("StableDiffusionControlNetPipeline", tiny_pipeline_dir, controlnet_dirs[:1])
+    with torch.no_grad():
+        expected = pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=1.0,
+                        latents=nchw(NOISE), controlnet_conditioning_scale=0.9, guess_mode=True,
+                        output_type="np").images
+    control = Control(controlnets[0], control_images(), scale=0.9, guess_mode=True)
+    latents = sd.text_to_image(PROMPTS, steps=STEPS, guidance_scale=1.0, seed=SEED, scheduler="pndm", latents=NOISE,
+                               controls=[control], output="latent")
+    err = rel_err(decode_unit(sd, latents), expected)
+    print(f"ControlNet without guidance: rel err {err:.2e}")
+    assert err < 1e-3
+
+    adapter = diffusers.T2IAdapter.from_pretrained(adapter_dir)
+    adapter_pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(tiny_pipeline_dir, adapter=adapter,
+                                                                           safety_checker=None)
+    adapter_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = adapter_pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=1.0,
+                                latents=nchw(NOISE), adapter_conditioning_scale=0.6, output_type="np").images
+    control = Control(load_t2i_adapter(adapter_dir, dtype=jnp.float32), control_images(), scale=0.6)
+    latents = sd.text_to_image(PROMPTS, steps=STEPS, guidance_scale=None, seed=SEED, scheduler="pndm", latents=NOISE,
+                               controls=[control], output="latent")
+    err = rel_err(decode_unit(sd, latents), expected)
+    print(f"T2I-Adapter without guidance: rel err {err:.2e}")
+    assert err < 1e-3
 
 
 def test_multi_controlnet_matches_diffusers(sd, tiny_pipeline_dir, controlnet_dirs, controlnets):
@@ -206,9 +239,11 @@ def test_t2i_adapter_text_to_image_matches_diffusers(sd, tiny_pipeline_dir, adap
 
 
 def test_new_control_images_scales_and_start_end_do_not_recompile(sd, controlnets):
+    # the program of the parity test above (pndm, given latents), so nothing new compiles here but `plain`
     def run(images, scale, start, end):
         control = Control(controlnets[0], images, scale=scale, start=start, end=end)
-        return sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, controls=[control], output="latent")
+        return sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, scheduler="pndm", latents=NOISE, controls=[control],
+                                output="latent")
 
     first = run(control_images(), 1.0, 0.0, 1.0)
     compiles = sd.executor.compile_count()
@@ -217,7 +252,7 @@ def test_new_control_images_scales_and_start_end_do_not_recompile(sd, controlnet
     assert not np.allclose(first, second)
     # A scale of 0 everywhere is the uncontrolled image (the residuals are multiplied by it).
     off = run(control_images(), 0.0, 0.0, 1.0)
-    plain = sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, output="latent")
+    plain = sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, scheduler="pndm", latents=NOISE, output="latent")
     np.testing.assert_allclose(off, plain, atol=1e-5)
 
 
@@ -227,7 +262,7 @@ def test_new_control_images_scales_and_start_end_do_not_recompile(sd, controlnet
 def test_control_image_of_another_size_is_resized_with_a_warning(sd, controlnets):
     small = [image.resize((48, 48)) for image in control_images()]
     with pytest.warns(UserWarning, match=r"controls\[0\] image size 48x48 resized to 64x64 \(the output size\)"):
-        sd.text_to_image(PROMPTS, steps=2, seed=SEED, height=64, width=64,
+        sd.text_to_image(PROMPTS, steps=STEPS, seed=SEED, height=64, width=64, scheduler="pndm", latents=NOISE,
                          controls=[Control(controlnets[0], small)], output="latent")
 
 
