@@ -15,7 +15,7 @@ import numpy as np
 
 from sdjax import infotext, inputs, outputs, samplers, single_file
 from sdjax.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
-from sdjax import cli_control, cli_train
+from sdjax import cli_control, cli_train, fast
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
 from sdjax.cli_control import open_image as _open_image
 from sdjax.infotext import LoraRecord
@@ -62,12 +62,13 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
     parser.add_argument("prompt", nargs="?", default=None, help="what to draw")
     parser.add_argument("--negative", default=None, help="negative prompt (default: none)")
     _add_model_options(parser)
-    parser.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{inputs.MAX_STEPS}")
+    parser.add_argument("--steps", type=int, default=25, action=fast.GivenFlag,
+                        help=f"denoising steps, 1..{inputs.MAX_STEPS} (default: 25, or --fast's)")
     low, high = inputs.GUIDANCE_RANGE
     parser.add_argument(
         "--guidance", type=float, default=None,
         help=f"classifier-free guidance scale, {low:g}..{high:g} (default: {DEFAULT_GUIDANCE_SCALE}; "
-        f"{BUILTIN_GUIDANCE_SCALE} with the built-in model)",
+        f"{BUILTIN_GUIDANCE_SCALE} with the built-in model; 1 = none, with --fast)",
     )
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the first image, 0..2**32-1; image i uses seed + i (as in A1111), so "
@@ -75,7 +76,11 @@ def _add_generation_options(parser: argparse.ArgumentParser, default_size: str =
     parser.add_argument("-n", "--num-images", type=int, default=1, dest="num_images", help="images to generate")
     parser.add_argument("--size", type=_size, default=None,
                         help=f"WIDTHxHEIGHT, both multiples of {SIZE_FACTOR} (default: {default_size})")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
+    parser.add_argument("--fast", choices=fast.FAST_PRESETS, default=None,
+                        help="few-step preset, for an accelerator LoRA given with --lora (lcm, tcd, hyper) or a "
+                             "distilled model (turbo, lightning): sets --scheduler, --steps and --guidance unless "
+                             "given (default: none)")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, action=fast.GivenFlag,
                         help=f"sampler (the API's default too): an sdjax name ({', '.join(SCHEDULERS)}) or an "
                              f"AUTOMATIC1111 name ({', '.join(A1111_SAMPLERS)}), optionally with its old schedule "
                              "suffix ('DPM++ 2M Karras')")
@@ -534,11 +539,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "guidance", 0) is None:
-        args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else DEFAULT_GUIDANCE_SCALE
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line per warning, no source line
         try:
+            note = fast.apply_fast(args)
+            if note:
+                print(f"sdjax: note: {note}", file=sys.stderr)
+            if getattr(args, "guidance", 0) is None:
+                args.guidance = BUILTIN_GUIDANCE_SCALE if args.model is None else DEFAULT_GUIDANCE_SCALE
             return COMMANDS[args.command](args)
         except (ValueError, OSError) as e:  # FileNotFoundError, HubUnreachableError, CheckpointError, PIL errors
             print(error_lines(args.command, e), file=sys.stderr)

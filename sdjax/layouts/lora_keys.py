@@ -13,6 +13,11 @@ which the caller computes from the model.
   ``.alpha``; ``lora_te_text_model_<module>`` for the text encoder; U-Net modules named either after
   diffusers (``lora_unet_down_blocks_0_attentions_0_...``) or after the original LDM U-Net
   (``lora_unet_input_blocks_1_1_...``).
+
+Few-step accelerator LoRAs are ordinary files in these layouts: lcm-lora-sdv1-5 and Hyper-SD15-*-lora are
+kohya with diffusers module names, TCD-SD15-LoRA is diffusers'. Besides attention they adapt the resnets'
+3x3 convs (a (r, in, 3, 3) ``down``, a (out, r, 1, 1) ``up``), ``conv_shortcut``, ``time_emb_proj``, the
+down/up-sampler convs and the feed-forward layers (tests/test_accelerator_loras.py).
 """
 
 from __future__ import annotations
