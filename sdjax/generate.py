@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, lora, parallel, samplers
+from sdjax import control, deepcache, lora, parallel, samplers
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -138,6 +138,7 @@ class Program:
     output: str  # "pil" | "np" (both decode to uint8) | "latent"
     controls: tuple = ()
     guided: bool = True  # False: the guidance-free path, one U-Net call per step on the images alone
+    deep_cache: Optional[deepcache.DeepCache] = None  # reuse the U-Net's deep features between steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,8 +377,14 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
     features = None
     if program.controls:
         features = control.adapter_features(program.controls, params["controls"], request.controls)
-    return Denoising(start_sampling(x, schedule, start_step), uncond_context, cond_context, extra_channels, known,
-                     features)
+    cache = None
+    if program.deep_cache is not None:  # what the U-Net sees: [uncond; cond] if guided, plus any extra channels
+        copies = 2 if program.guided else 1
+        sample = jax.ShapeDtypeStruct((copies * count, *x.shape[1:-1], models.unet.config.in_channels),
+                                      models.unet.dtype)
+        cache = deepcache.initial_cache(models.unet, params["unet"], program.deep_cache, sample, context)
+    return Denoising(start_sampling(x, schedule, start_step, cache), uncond_context, cond_context, extra_channels,
+                     known, features)
 
 
 def encode_request_prompts(models: Models, params, request: Request, guided: bool) -> jax.Array:
@@ -400,7 +407,7 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
     models, extra_channels = program.models, carry.extra_channels
     embeds_guidance = models.unet.config.time_cond_proj_dim is not None
 
-    def unet_fn(latents, t, ctx, i):
+    def unet_fn(latents, t, ctx, i, model_state=None):
         residuals = {}
         if embeds_guidance:  # guidance-distilled (LCM) U-Nets take w = scale - 1 embedded, instead of guidance
             cond = samplers.guidance_embedding(request.guidance - 1.0, models.unet.config.time_cond_proj_dim)
@@ -417,8 +424,13 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
             copies = latents.shape[0] // extra_channels.shape[0]
             extra = jnp.concatenate([extra_channels] * copies).astype(latents.dtype)
             latents = jnp.concatenate([latents, extra], axis=-1)
-        out = models.unet.apply({"params": params["unet"]}, latents.astype(models.unet.dtype), t, ctx, **residuals)
-        return out.astype(jnp.float32)
+        variables, latents = {"params": params["unet"]}, latents.astype(models.unet.dtype)
+        if model_state is None:
+            return models.unet.apply(variables, latents, t, ctx, **residuals).astype(jnp.float32)
+        full = deepcache.is_full(program.deep_cache, schedule.timesteps, jnp.min(carry.sampler.first), i)
+        out, cache = deepcache.cached_unet(models.unet, variables, program.deep_cache, full, model_state, latents, t,
+                                           ctx, **residuals)
+        return out.astype(jnp.float32), cache
 
     if program.guided:
         model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
@@ -435,7 +447,8 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
 
 
 def _unguided(unet_fn, context, x, t, **extra):
-    return unet_fn(x, t, context, **extra).astype(jnp.float32)
+    out = unet_fn(x, t, context, **extra)
+    return out if "model_state" in extra else out.astype(jnp.float32)  # stateful: (fp32 output, new state)
 
 
 def finish(params, request: Request, schedule: Schedule, program: Program, carry: Denoising):

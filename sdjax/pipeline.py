@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import conditions, control
+from sdjax import conditions, control, deepcache
 from sdjax import images as image_inputs
 from sdjax import inputs, lora, memory, parallel, samplers, single_file, weights
 from sdjax.config import ModelConfig
@@ -403,6 +403,8 @@ class StableDiffusion:
         ``controls``: a list of ``sdjax.Control(model, image, scale, start, end, guess_mode)``, ControlNets and
         T2I-Adapters, their effects summed (``sdjax.control``); without ``height``/``width`` the output takes the
         first control image's size, rounded down to a multiple of 8, as diffusers' ControlNet pipeline does.
+        ``deep_cache``: ``sdjax.deepcache.DeepCache(interval, branch)`` or ``(interval, branch)``: the full U-Net
+        every ``interval`` steps, only its shallow branch in between (DeepCache); None (default): off.
         ``parallel_mode``: "mesh" (default) or "pmap".
         """
         return self.run(self.prepare(Mode.TEXT_TO_IMAGE, prompt, negative_prompt, **options), parallel_mode)
@@ -514,6 +516,7 @@ class StableDiffusion:
         prompt_syntax: str = "a1111",
         clip_skip: Optional[int] = None,
         controls: Optional[Sequence[Control]] = None,
+        deep_cache=None,
     ) -> Job:
         """Validate and convert one request of ``mode`` (a ``sdjax.generate.Mode`` or its value) into the
         ``Job`` that ``run`` executes; every argument as in the mode's method (``text_to_image``, ...)."""
@@ -580,7 +583,8 @@ class StableDiffusion:
             control_inputs = conditions.control_condition(controls, size, expand, count, self.vae_scale_factor)
             request = dataclasses.replace(request, controls=control_inputs)
         embeds_guidance = self.config.unet.time_cond_proj_dim is not None  # LCM: guidance is a U-Net input
-        program = Program(models, latent_shape, output, specs, guided=guided(guidance_scale) and not embeds_guidance)
+        program = Program(models, latent_shape, output, specs, guided=guided(guidance_scale) and not embeds_guidance,
+                          deep_cache=deepcache.resolve(deep_cache, self.config.unet))
         return Job(request, schedule, program, progress=bool(progress), control_params=control_params)
 
     def run(self, job: Job, parallel_mode: Optional[str] = None):

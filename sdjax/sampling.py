@@ -38,15 +38,18 @@ def denoise_step(model_fn, schedule: Schedule, x, state, i, noise=None):
 
 class SamplerCarry(NamedTuple):
     """What the denoising loop carries between evaluations: the sample, the sampler's state and each
-    image's first evaluation (``first``: a scalar, or (B,) when images start at their own step)."""
+    image's first evaluation (``first``: a scalar, or (B,) when images start at their own step) and, when
+    the model keeps one between evaluations (``sdjax.deepcache``), its state (else None)."""
 
     x: jax.Array
     state: Any
     first: jax.Array
+    model_state: Any = None
 
 
-def start_sampling(x_init: jax.Array, schedule: Schedule, start_step=0) -> SamplerCarry:
-    """The loop's initial carry for ``x_init`` starting at inference step ``start_step`` (see ``sample``)."""
+def start_sampling(x_init: jax.Array, schedule: Schedule, start_step=0, model_state=None) -> SamplerCarry:
+    """The loop's initial carry for ``x_init`` starting at inference step ``start_step`` (see ``sample``), with
+    the model's initial state when it keeps one (see ``sample_evaluations``)."""
     x = jnp.asarray(x_init, jnp.float32)
     per_image = jnp.ndim(start_step) == 1
     first = samplers.first_eval(schedule, jnp.asarray(start_step) if per_image else start_step)
@@ -54,7 +57,7 @@ def start_sampling(x_init: jax.Array, schedule: Schedule, start_step=0) -> Sampl
         state = jax.vmap(lambda xb: samplers.init_state(schedule, xb[None]))(x)
     else:
         state = samplers.init_state(schedule, x)
-    return SamplerCarry(x, state, jnp.asarray(first))
+    return SamplerCarry(x, state, jnp.asarray(first), model_state)
 
 
 def sample_evaluations(
@@ -74,7 +77,9 @@ def sample_evaluations(
     Indices at or past ``schedule.num_evals`` are skipped, so a loop split into equal chunks (a progress
     display between them, each chunk the same compiled program) computes exactly what one ``sample``
     call computes. ``model_takes_index``: ``model_fn(x, t, i)`` also gets the evaluation index (what
-    acts on some steps only, such as a ControlNet's start/end, needs it). Other arguments as in ``sample``.
+    acts on some steps only, such as a ControlNet's start/end, needs it). When ``carry.model_state`` is not
+    None the model is stateful: ``model_fn(..., model_state=s)`` returns (output, new state), and the state
+    is carried to the next evaluation that runs (shared by the batch). Other arguments as in ``sample``.
     """
     per_image = jnp.ndim(carry.first) == 1
     x_shape = carry.x.shape
@@ -89,8 +94,10 @@ def sample_evaluations(
         return step_noise(key, i, x_shape)
 
     def run(loop, i):
-        x, state = loop
+        x, state, model_state = loop
         step_fn = partial(model_fn, i=i) if model_takes_index else model_fn
+        if model_state is not None:
+            step_fn, new_model_state = _keeping_state(step_fn, model_state)
         if per_image:
             new_x, new_state = _per_image_step(step_fn, schedule, x, state, i, noise_at(i))
         else:
@@ -102,18 +109,31 @@ def sample_evaluations(
             new_x, new_state = jax.tree.map(
                 lambda new, old: jnp.where(per_sample(started, new.ndim), new, old),
                 (new_x, new_state),
-                loop,
+                (x, state),
             )
         if callback is not None:
             jax.debug.callback(callback, i)
-        return new_x, new_state
+        return new_x, new_state, None if model_state is None else new_model_state[0]
 
     def body(loop, i):
         runs = (i >= (jnp.min(carry.first) if per_image else carry.first)) & (i < schedule.num_evals)
         return lax.cond(runs, run, lambda loop, i: loop, loop, i), None
 
-    (x, state), _ = lax.scan(body, (carry.x, carry.state), evaluations)
-    return SamplerCarry(x, state, carry.first)
+    (x, state, model_state), _ = lax.scan(body, (carry.x, carry.state, carry.model_state), evaluations)
+    return SamplerCarry(x, state, carry.first, model_state)
+
+
+def _keeping_state(model_fn, model_state):
+    """``model_fn`` with ``model_state`` passed in and its new state kept aside (in the returned list), so the
+    samplers' steps see a plain ``model_fn(x, t) -> output`` (each calls it once)."""
+    kept = []
+
+    def stateless(x, t, **extra):
+        out, new_state = model_fn(x, t, model_state=model_state, **extra)
+        kept.append(new_state)
+        return out
+
+    return stateless, kept
 
 
 def sample(
@@ -191,9 +211,12 @@ def classifier_free_guidance(
     context = jnp.concatenate([uncond_context, cond_context], axis=0)
 
     def model_fn(x, t, **extra):
-        out = unet_fn(jnp.concatenate([x, x], axis=0), t, context, **extra).astype(jnp.float32)
-        uncond, cond = jnp.split(out, 2, axis=0)
-        return guide(uncond, cond, guidance_scale, guidance_rescale)
+        out = unet_fn(jnp.concatenate([x, x], axis=0), t, context, **extra)
+        stateful = "model_state" in extra  # a stateful unet_fn returns (output, new state): pass the state on
+        out, new_state = out if stateful else (out, None)
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        guided = guide(uncond, cond, guidance_scale, guidance_rescale)
+        return (guided, new_state) if stateful else guided
 
     return model_fn
 

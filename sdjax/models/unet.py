@@ -57,12 +57,13 @@ class UNetDownBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, additional_residual: Optional[jax.Array] = None):
+    def __call__(self, x, temb, context, additional_residual: Optional[jax.Array] = None, stop: Optional[int] = None):
         """``additional_residual`` (T2I-Adapter, attention blocks only) is added after the last resnet+attention
-        pair, so it reaches that skip connection and the downsampler, as in diffusers' ``CrossAttnDownBlock2D``."""
+        pair, so it reaches that skip connection and the downsampler, as in diffusers' ``CrossAttnDownBlock2D``.
+        ``stop``: run only the first ``stop`` resnet(+attention) layers and no downsampler (DeepCache)."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         skips = []
-        for i in range(cfg.layers_per_block):
+        for i in range(cfg.layers_per_block if stop is None else stop):
             resnet = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name=f"resnets_{i}")
             x = resnet(x, temb)
             if self.with_attention:
@@ -71,7 +72,7 @@ class UNetDownBlock(nn.Module):
             if additional_residual is not None and i == cfg.layers_per_block - 1:
                 x = x + additional_residual.astype(dt)
             skips.append(x)
-        if self.add_downsample:
+        if self.add_downsample and stop is None:
             x = Downsample2D(self.out_channels, cfg.downsample_padding, dt, pdt, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
@@ -90,9 +91,17 @@ class UNetUpBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips: Sequence[jax.Array], temb, context, upsample_size=None):
+    def __call__(self, x, skips: Sequence[Optional[jax.Array]], temb, context, upsample_size=None, start: int = 0,
+                 capture: Optional[int] = None):
+        """``start``: begin at resnet ``start`` (``x`` is what enters it; the skips of earlier resnets may be None);
+        ``capture``: also return the hidden state entering resnet ``capture`` (DeepCache's cached feature)."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        captured = x
         for i, skip in enumerate(reversed(skips)):
+            if i < start:
+                continue
+            if i == capture:
+                captured = x
             x = jnp.concatenate([x, skip], axis=-1)
             resnet = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name=f"resnets_{i}")
             x = resnet(x, temb)
@@ -101,7 +110,7 @@ class UNetUpBlock(nn.Module):
                                  f"attentions_{i}", cfg.only_cross_attention)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dt, pdt, name="upsamplers_0")(x, upsample_size)
-        return x
+        return x if capture is None else (x, captured)
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
@@ -201,6 +210,8 @@ class UNet2DConditionModel(nn.Module):
         mid_block_additional_residual: Optional[jax.Array] = None,
         down_intrablock_additional_residuals: Optional[Sequence[jax.Array]] = None,
         timestep_cond: Optional[jax.Array] = None,
+        cache_branch: Optional[tuple] = None,
+        cached_feature: Optional[jax.Array] = None,
     ) -> jax.Array:
         """``timestep_cond`` (B, time_cond_proj_dim): the guidance embedding of guidance-distilled U-Nets
         (LCM; ``sdjax.samplers.guidance_embedding``), added to the timestep embedding through
@@ -209,7 +220,10 @@ class UNet2DConditionModel(nn.Module):
         The residual inputs follow diffusers: ``down_block_additional_residuals`` (ControlNet, one per skip
         connection) are added to the skips and ``mid_block_additional_residual`` to the mid block's output;
         ``down_intrablock_additional_residuals`` (T2I-Adapter) are consumed in order, one per down block, then
-        one more after the mid block if its shape matches."""
+        one more after the mid block if its shape matches.
+
+        ``cache_branch`` (block, layer) and ``cached_feature``: DeepCache's two passes (use the methods
+        ``deep_cache_full`` and ``deep_cache_shallow``)."""
         cfg, dt, pdt, impl = self.config, self.dtype, self.param_dtype, self.attention_implementation
         self._check_inputs(sample, timesteps, encoder_hidden_states)
         self._check_timestep_cond(timestep_cond, sample.shape[0])
@@ -236,39 +250,77 @@ class UNet2DConditionModel(nn.Module):
         temb = time_embedding(t_emb, timestep_cond)
 
         x = conv(channels[0], 3, dt, pdt, "conv_in")(x)
+        n = cfg.layers_per_block
+        shallow = cached_feature is not None
+        if cache_branch is not None:
+            if intrablock:
+                raise ValueError(
+                    "DeepCache does not combine with T2I-Adapter features (down_intrablock_additional_residuals)"
+                )
+            branch_block, branch_layer = cache_branch
+            kept = min(branch_layer, n)  # resnet layers of the branch's down block that stay in the shallow pass
+            branch_up, first_up = len(channels) - 1 - branch_block, n - kept  # its up block, and first resnet there
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
+            stop = kept if shallow and i == branch_block else None
+            if shallow and (i > branch_block or stop == 0):
+                break
             with_attention = block_type == "CrossAttnDownBlock2D"
             residual = intrablock.pop(0) if with_attention and intrablock else None
             x, block_skips = UNetDownBlock(
                 cfg, channels[i], heads[i], with_attention=with_attention,
                 add_downsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
                 name=f"down_blocks_{i}",
-            )(x, temb, context, residual)
+            )(x, temb, context, residual, stop)
             if not with_attention and intrablock:
                 # diffusers adds this in place to the block's output tensor, which is also its last skip.
                 x = x + intrablock.pop(0).astype(dt)
                 block_skips[-1] = x
             skips.extend(block_skips)
         if down_block_additional_residuals is not None:
-            skips = _add_residuals(skips, down_block_additional_residuals, dt)
+            # A shallow pass has only the first skips; the residuals of the deep ones go unused, as the cache's do.
+            residuals = list(down_block_additional_residuals)
+            skips = _add_residuals(skips, residuals[:len(skips)] if shallow else residuals, dt)
 
-        x = UNetMidBlock2DCrossAttn(cfg, heads[-1], impl, dt, pdt, name="mid_block")(x, temb, context)
-        if intrablock and intrablock[0].shape == x.shape:
-            x = x + intrablock.pop(0).astype(dt)
-        if mid_block_additional_residual is not None:
-            x = x + mid_block_additional_residual.astype(dt)
+        if not shallow:
+            x = UNetMidBlock2DCrossAttn(cfg, heads[-1], impl, dt, pdt, name="mid_block")(x, temb, context)
+            if intrablock and intrablock[0].shape == x.shape:
+                x = x + intrablock.pop(0).astype(dt)
+            if mid_block_additional_residual is not None:
+                x = x + mid_block_additional_residual.astype(dt)
 
         up_channels, up_heads = channels[::-1], heads[::-1]
-        per_block = cfg.layers_per_block + 1
+        feature = None
         for i, block_type in enumerate(cfg.up_block_types):
-            block_skips, skips = skips[-per_block:], skips[:-per_block]
+            start, capture = 0, None
+            if shallow and i < branch_up:
+                continue
+            if shallow and i == branch_up:
+                # the cached feature enters resnet first_up; the skips of the resnets before it are not computed
+                x, start = cached_feature.astype(dt), first_up
+                block_skips, skips = skips[len(skips) - kept - 1:] + [None] * first_up, skips[:len(skips) - kept - 1]
+            else:
+                block_skips, skips = skips[-(n + 1):], skips[:-(n + 1)]
+                capture = first_up if cache_branch is not None and i == branch_up else None
             upsample_size = skips[-1].shape[1:3] if skips else None
             x = UNetUpBlock(
                 cfg, up_channels[i], up_heads[i], with_attention=block_type == "CrossAttnUpBlock2D",
                 add_upsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
                 name=f"up_blocks_{i}",
-            )(x, block_skips, temb, context, upsample_size)
+            )(x, block_skips, temb, context, upsample_size, start, capture)
+            if capture is not None:
+                x, feature = x
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, pdt, "conv_norm_out")(x))
-        return conv(cfg.out_channels, 3, dt, pdt, "conv_out")(x)
+        out = conv(cfg.out_channels, 3, dt, pdt, "conv_out")(x)
+        return (out, feature) if cache_branch is not None and not shallow else out
+
+    def deep_cache_full(self, sample, timesteps, encoder_hidden_states, *, branch: tuple, **kwargs):
+        """DeepCache's full pass (``sdjax.deepcache``): the ordinary output and the deep feature of ``branch``
+        (block, layer): the hidden state entering that block's mirror up block at that layer's resnet."""
+        return self(sample, timesteps, encoder_hidden_states, cache_branch=branch, **kwargs)
+
+    def deep_cache_shallow(self, sample, timesteps, encoder_hidden_states, feature, *, branch: tuple, **kwargs):
+        """DeepCache's partial pass: only the down path up to ``branch`` and its mirror up path, the deep part
+        replaced by ``feature`` from an earlier ``deep_cache_full``."""
+        return self(sample, timesteps, encoder_hidden_states, cache_branch=branch, cached_feature=feature, **kwargs)
