@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           help="learn a new prompt token (textual inversion) from captioned images")
     _add_model_options(train_embedding)
     cli_train.add_train_embedding_options(train_embedding)
+    train_controlnet = commands.add_parser("train-controlnet", help="train a ControlNet on images and their condition "
+                                           "images (default: Canny edges)")
+    _add_model_options(train_controlnet)
+    cli_train.add_train_controlnet_options(train_controlnet)
     info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
     _add_model_options(info)
     return parser
@@ -484,6 +488,11 @@ def cmd_train_lora(args) -> int:
     return cli_train.run_lora(args)
 
 
+def cmd_train_controlnet(args) -> int:
+    enable_compilation_cache()
+    return cli_train.run_controlnet(args)
+
+
 def cmd_train_embedding(args) -> int:
     enable_compilation_cache()
     return cli_train.run_embedding(args)
@@ -518,6 +527,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "train-lora": cmd_train_lora,
     "train-embedding": cmd_train_embedding,
+    "train-controlnet": cmd_train_controlnet,
     "info": cmd_info,
 }
 

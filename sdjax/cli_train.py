@@ -1,11 +1,12 @@
-"""Options of the training commands (``sdjax train-lora``, ``sdjax train-embedding``); ``sdjax.cli`` adds the
-model options and dispatches here. The work is done by ``sdjax.lora_train`` and ``sdjax.embedding_train``."""
+"""Options of the training commands (``sdjax train-lora``, ``sdjax train-embedding``, ``sdjax train-controlnet``);
+``sdjax.cli`` adds the model options and dispatches here. The work is done by ``sdjax.lora_train``,
+``sdjax.embedding_train`` and ``sdjax.controlnet_train``."""
 
 from __future__ import annotations
 
 import argparse
 
-from sdjax import embedding_train, lora_train
+from sdjax import controlnet_train, embedding_train, lora_train
 
 
 def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -65,9 +66,41 @@ def add_train_embedding_options(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser, steps=1000, lr=5e-3, weight_decay=0.0, seed_help="seed of the data order")
 
 
+def add_train_controlnet_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="image folder with same-name .txt captions or metadata.jsonl")
+    parser.add_argument("--shapes", type=int, default=None, metavar="N",
+                        help="train on N images of the built-in model's shapes data set instead of --data")
+    parser.add_argument("--conditions", default=None,
+                        help="folder of ready condition images, named as their --data images (default: made from "
+                             "the images by --condition)")
+    parser.add_argument("--condition", choices=controlnet_train.CONDITIONS, default="canny",
+                        help="how condition images are made from the training images (OpenCV Canny, 100/200)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (diffusers ControlNet: config.json + weights; checkpoint, log); an "
+                             "existing checkpoint there is resumed")
+    parser.add_argument("--caption-from-folder-name", action="store_true",
+                        help="caption images that have none with their folder's name")
+    parser.add_argument("--resolution", type=int, default=None, help="training image side (default: model native)")
+    parser.add_argument("--conditioning-channels", default="16,32,96,256",
+                        help="channels of the condition image encoder, one per level, comma separated (four "
+                             "levels downsample 8x)")
+    parser.add_argument("--caption-dropout", type=float, default=0.5,
+                        help="share of captions replaced by the empty prompt (the ControlNet paper's 0.5)")
+    parser.add_argument("--high-noise-share", type=float, default=0.0,
+                        help="share of examples whose timestep is drawn from --high-noise-from up, where the layout "
+                             "is decided (default: 0, all timesteps alike)")
+    parser.add_argument("--high-noise-from", type=int, default=500, help="first timestep of --high-noise-share")
+    _add_run_options(parser, steps=1000, lr=1e-5, weight_decay=1e-2,
+                     seed_help="seed of the condition encoder's initialisation, the data order and --shapes")
+
+
 def run_lora(args) -> int:
     return lora_train.run_from_args(args)
 
 
 def run_embedding(args) -> int:
     return embedding_train.run_from_args(args)
+
+
+def run_controlnet(args) -> int:
+    return controlnet_train.run_from_args(args)
