@@ -114,3 +114,29 @@ def test_cache_crosses_progress_chunks_and_image_modes_run(sd):
     image = np.random.RandomState(0).rand(64, 64, 3).astype(np.float32)
     redrawn = sd.image_to_image(PROMPTS, image, 0.6, guidance_scale=None, **options)
     assert np.all(np.isfinite(np.asarray(redrawn))) and redrawn.shape == NOISE.shape
+
+
+def test_image_to_image_matches_the_deepcache_package(sd, tiny_pipeline_dir, monkeypatch):
+    """Image-to-image starts late in the schedule: the cache's first full pass is the first step that runs."""
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from sdjax.generate import KeyStream
+    from test_image_modes import draws_of, init_images, run_diffusers
+
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    img2img.set_progress_bar_config(disable=True)
+    noise, posterior = draws_of(2, [KeyStream.IMAGE])
+    helper = DeepCacheSDHelper(img2img)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    try:
+        expected = run_diffusers(img2img, "pipeline_stable_diffusion_img2img", monkeypatch, noise, posterior,
+                                 prompt=PROMPTS, image=init_images(), strength=0.6, guidance_scale=7.5)
+    finally:
+        helper.disable()
+    latents = sd.image_to_image(PROMPTS, init_images(), 0.6, steps=8, seed=3, scheduler="pndm", latents=noise,
+                                output="latent", deep_cache=DeepCache(2, 0))
+    err = rel_err(decode_unit(sd, latents), expected)
+    print(f"image-to-image, interval 2 branch 0: rel err {err:.2e}")
+    assert err < 1e-3
