@@ -42,9 +42,16 @@ def _reject(kind: str, data: dict, key: str, allowed: tuple) -> None:
         )
 
 
+_CLIP_TEXT_MODEL = "CLIPTextModel"
+_CLIP_TEXT_MODEL_WITH_PROJECTION = "CLIPTextModelWithProjection"
+# transformers' CLIPTextConfig default, for a with-projection config.json that leaves projection_dim out.
+_TRANSFORMERS_PROJECTION_DIM = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """The CLIP text tower (transformers ``CLIPTextModel``)."""
+    """The CLIP text tower: transformers ``CLIPTextModel``, or ``CLIPTextModelWithProjection`` (SDXL's
+    OpenCLIP ViT-bigG/14) when ``projection_dim`` is set."""
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -58,29 +65,45 @@ class CLIPTextConfig:
     eos_token_id: int = 2
     pad_token_id: int = 1
     bos_token_id: int = 0
+    # Width of the bias-free ``text_projection`` applied to the pooled output; None: no projection head.
+    # Plain CLIPTextModel config.json files often carry a projection_dim too, which their model never uses.
+    projection_dim: Optional[int] = None
+
+    @property
+    def has_projection(self) -> bool:
+        return self.projection_dim is not None
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "CLIPTextConfig":
         data = _read_json(config)
         _reject("text encoder", data, "hidden_act", ("quick_gelu", "gelu"))
-        return cls(**_known_fields(cls, data))
+        fields = _known_fields(cls, data)
+        if _CLIP_TEXT_MODEL_WITH_PROJECTION in (data.get("architectures") or ()):
+            fields["projection_dim"] = data.get("projection_dim", _TRANSFORMERS_PROJECTION_DIM)
+        else:
+            fields.pop("projection_dim", None)
+        return cls(**fields)
 
     def to_diffusers_config(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if not self.has_projection:
+            del fields["projection_dim"]
         return {
-            "architectures": ["CLIPTextModel"],
+            "architectures": [_CLIP_TEXT_MODEL_WITH_PROJECTION if self.has_projection else _CLIP_TEXT_MODEL],
             "model_type": "clip_text_model",
             "torch_dtype": "float32",
-            **dataclasses.asdict(self),
+            **fields,
         }
 
 
 _UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+_UNET_ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """diffusers ``UNet2DConditionModel`` as used by SD 1.x / 2.x."""
+    """diffusers ``UNet2DConditionModel`` as used by SD 1.x / 2.x and SDXL (base and refiner)."""
 
     sample_size: int = 64
     in_channels: int = 4
@@ -114,6 +137,35 @@ class UNetConfig:
     center_input_sample: bool = False
     # Guidance-distilled U-Nets (LCM): width of the guidance embedding added to the timestep embedding.
     time_cond_proj_dim: Optional[int] = None
+    # Transformer blocks inside each attention of a level (one int for all levels, or one per level); the mid
+    # block takes the last level's depth and each up block its mirror down block's (SDXL: (1, 2, 10)).
+    transformer_layers_per_block: Union[int, Tuple[int, ...]] = 1
+    # SDXL's added conditioning: "text_time" embeds the pooled text embedding and the size/crop time ids
+    # through ``add_embedding`` and adds that to the timestep embedding. ``projection_class_embeddings_input_dim``
+    # is the pooled text width + number of time ids * ``addition_time_embed_dim``.
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _reject("unet", {"addition_embed_type": self.addition_embed_type}, "addition_embed_type",
+                _UNET_ADDITION_EMBED_TYPES)
+        if self.addition_embed_type == "text_time" and None in (
+            self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                "unet config has addition_embed_type='text_time' but addition_time_embed_dim="
+                f"{self.addition_time_embed_dim!r} and projection_class_embeddings_input_dim="
+                f"{self.projection_class_embeddings_input_dim!r}; both must be integers"
+            )
+        depths = self.transformer_layers_per_block
+        if not isinstance(depths, int) and (
+            len(depths) != len(self.block_out_channels) or not all(isinstance(d, int) for d in depths)
+        ):
+            raise ValueError(
+                f"unet config has transformer_layers_per_block={depths!r}; give one int, or one int per block "
+                f"({len(self.block_out_channels)} blocks); nested per-layer lists are not supported"
+            )
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "UNetConfig":
@@ -135,16 +187,14 @@ class UNetConfig:
         _reject("unet", data, "encoder_hid_dim_type", (None,))
         _reject("unet", data, "act_fn", ("silu",))
         _reject("unet", data, "class_embed_type", (None,))
-        _reject("unet", data, "addition_embed_type", (None,))
+        _reject("unet", data, "addition_embed_type", _UNET_ADDITION_EMBED_TYPES)
         _reject("unet", data, "time_embedding_type", ("positional",))
         _reject("unet", data, "resnet_time_scale_shift", ("default",))
         _reject("unet", data, "dual_cross_attention", (False,))
         _reject("unet", data, "encoder_hid_dim", (None,))
-        _reject("unet", data, "transformer_layers_per_block", (1,))
         _reject("unet", data, "mid_block_only_cross_attention", (None, False))
         _reject("unet", data, "conv_in_kernel", (3,))
         _reject("unet", data, "conv_out_kernel", (3,))
-        _reject("unet", data, "projection_class_embeddings_input_dim", (None,))
         _reject("unet", data, "num_class_embeds", (None,))
         _reject("unet", data, "reverse_transformer_layers_per_block", (None,))
         _reject("unet", data, "attention_type", ("default",))
@@ -154,7 +204,16 @@ class UNetConfig:
             raise ValueError("unet config: a per-block layers_per_block list is not supported")
         if isinstance(data.get("cross_attention_dim"), list):
             raise ValueError("unet config: a per-block cross_attention_dim list is not supported")
-        return cls(**_known_fields(cls, data))
+        depths = data.get("transformer_layers_per_block")
+        if isinstance(depths, list) and any(isinstance(d, list) for d in depths):
+            raise ValueError(
+                f"unet config has transformer_layers_per_block={depths!r}: nested per-layer lists (asymmetric "
+                "U-Nets) are not supported; give one int, or one int per block"
+            )
+        fields = _known_fields(cls, data)
+        if "upcast_attention" in fields and fields["upcast_attention"] is None:  # SDXL's configs write null
+            fields["upcast_attention"] = False
+        return cls(**fields)
 
     def heads_per_block(self) -> Tuple[int, ...]:
         """Number of attention heads of each down block (diffusers' resolution rule)."""
@@ -162,6 +221,13 @@ class UNetConfig:
         if isinstance(heads, int):
             return (heads,) * len(self.block_out_channels)
         return tuple(heads)
+
+    def transformer_layers_per_level(self) -> Tuple[int, ...]:
+        """Transformer blocks per attention of each down block (up blocks mirror them, the mid block takes the last)."""
+        depths = self.transformer_layers_per_block
+        if isinstance(depths, int):
+            return (depths,) * len(self.block_out_channels)
+        return tuple(depths)
 
     def to_diffusers_config(self) -> dict:
         data = dataclasses.asdict(self)
@@ -171,6 +237,37 @@ class UNetConfig:
             "mid_block_type": "UNetMidBlock2DCrossAttn",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in data.items()},
         }
+
+
+# The released stabilityai/stable-diffusion-xl-{base,refiner}-1.0 U-Nets. The base model's added conditioning is
+# the 1280-wide pooled OpenCLIP bigG embedding + 6 time ids (original size, crop top-left, target size), the
+# refiner's the same pooled embedding + 5 (original size, crop top-left, aesthetic score), each id 256 wide.
+SDXL_BASE_UNET = UNetConfig(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_REFINER_UNET = UNetConfig(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(384, 768, 1536, 1536),
+    attention_head_dim=(6, 12, 24, 24),
+    transformer_layers_per_block=4,
+    cross_attention_dim=1280,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,
+)
 
 
 _CONTROLNET_CHANNEL_ORDERS = ("rgb", "bgr")

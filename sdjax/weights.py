@@ -42,7 +42,7 @@ from sdjax.layouts.files import (
     read_checkpoint_file,
     write_safetensors,
 )
-from sdjax.models.clip import CLIPTextModel
+from sdjax.models.clip import PROJECTION_HEAD, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
 
@@ -339,7 +339,8 @@ def param_shapes(module: nn.Module) -> dict:
 def text_encoder_params_from_state_dict(
     state_dict: Mapping[str, Any], config: CLIPTextConfig, dtype: Any = None
 ) -> dict:
-    """A transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) -> Flax params.
+    """A transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) -> Flax params;
+    with ``config.projection_dim`` set, a ``CLIPTextModelWithProjection`` one (``text_projection.weight`` too).
 
     The non-persistent ``embeddings.position_ids`` buffer, which older checkpoints contain, is ignored.
     """
@@ -353,8 +354,12 @@ def text_encoder_params_from_state_dict(
 
 
 def text_encoder_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax params -> transformers state dict with ``text_model.`` keys (loads in transformers 4 and 5)."""
-    return {TEXT_MODEL_PREFIX + key: value for key, value in flax_to_torch(params).items()}
+    """Flax params -> transformers state dict with ``text_model.`` keys (loads in transformers 4 and 5); the
+    projection head of a ``CLIPTextModelWithProjection`` stays beside ``text_model``, as ``text_projection.weight``."""
+    return {
+        key if key.startswith(PROJECTION_HEAD + ".") else TEXT_MODEL_PREFIX + key: value
+        for key, value in flax_to_torch(params).items()
+    }
 
 
 def params_from_state_dicts(config: ModelConfig, states: Mapping, dtype, *, source: str = "checkpoint") -> dict:

@@ -5,7 +5,8 @@ A single file (``*.safetensors`` or an older ``*.ckpt``) holds the whole ``Laten
 * ``model.diffusion_model.*``       the U-Net, numbered ``input_blocks`` / ``middle_block`` / ``output_blocks``
 * ``first_stage_model.*``           the VAE, ``encoder.down.{i}.block.{j}`` / ``decoder.up.{i}`` ...
 * ``cond_stage_model.transformer.*`` SD 1.x text encoder (a transformers ``CLIPTextModel``), or
-  ``cond_stage_model.model.*``      SD 2.x text encoder (OpenCLIP ViT-H, attention q/k/v packed in ``in_proj``)
+  ``cond_stage_model.model.*``      SD 2.x text encoder (OpenCLIP ViT-H, attention q/k/v packed in ``in_proj``), or
+  ``conditioner.embedders.*``       SDXL's CLIP ViT-L and OpenCLIP ViT-bigG (``sdxl_text_encoders_to_transformers``)
 * ``model_ema.*``                   optional EMA copy of the U-Net, keys flattened without dots
 * noise-schedule buffers (``betas``, ``alphas_cumprod`` ...)
 
@@ -18,6 +19,7 @@ silently wrong. Shapes are checked later, against the Flax modules.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Mapping
 
@@ -30,6 +32,12 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL's conditioner: embedders.0 is CLIP ViT-L in transformers' layout, embedders.1 OpenCLIP ViT-bigG with its
+# text projection and all 32 layers; the refiner holds the bigG tower alone, as embedders.0.
+CONDITIONER_PREFIX = "conditioner."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
 EMA_PREFIX = "model_ema."
 
 SUPPORTED_FAMILIES = (
@@ -40,8 +48,8 @@ SUPPORTED_FAMILIES = (
 # (and diffusers' own LDM export script) keep 23. A 24th layer is dropped on reading and added on writing.
 OPEN_CLIP_LAYERS = 24
 
-# Tensors real single files carry that sdjax does not run, and why. The dropped last OpenCLIP layer of
-# SD 2.x and the unused EMA copy are ignored too (see ``_ignored_keys``).
+# Tensors real single files carry that sdjax does not run, and why. The unused EMA copy (``_ignored_keys``)
+# and the dropped last OpenCLIP layer of SD 2.x (``TextEncoderSlot.extra_last_layer``) are ignored too.
 IGNORED = {
     r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod"
@@ -49,8 +57,10 @@ IGNORED = {
     r"|logvar|lvlb_weights)": "training-time noise schedule buffers; the scheduler config holds the schedule",
     r"scale_factor": "the latent scale, read into the VAE config's scaling_factor",
     r"model_ema\.(decay|num_updates)": "EMA bookkeeping",
-    r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids": "constant position-index buffer",
+    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.(text_model\.)?embeddings\.position_ids":
+        "constant position-index buffer",
     r"cond_stage_model\.model\.(text_projection|logit_scale)": "CLIP's contrastive head, unused by Stable Diffusion",
+    r"conditioner\.embedders\.[01]\.model\.logit_scale": "CLIP's contrastive temperature, unused by SDXL",
     r"depth_model\..*": "the MiDaS depth estimator bundled in SD 2 depth files; sdjax takes the depth map as input",
 }
 
@@ -65,23 +75,20 @@ _UNET_RESNET = {
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
-_TRANSFORMER = {
-    name: name
-    for name in (
-        "norm",
-        "proj_in",
-        "proj_out",
-        *(
-            f"transformer_blocks.0.{m}"
-            for m in (
-                "norm1", "norm2", "norm3",
-                "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-                "ff.net.0.proj", "ff.net.2",
-            )
-        ),
-    )
-}
+_TRANSFORMER_BLOCK = (
+    "norm1", "norm2", "norm3",
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2",
+)
+
+
+def _transformer(depth: int) -> dict[str, str]:
+    """A spatial transformer with ``depth`` blocks: LDM and diffusers name its modules alike."""
+    names = ("norm", "proj_in", "proj_out",
+             *(f"transformer_blocks.{k}.{m}" for k in range(depth) for m in _TRANSFORMER_BLOCK))
+    return {name: name for name in names}
+
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 # LDM's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -93,6 +100,10 @@ _OPEN_CLIP_LAYER = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
+_POSITIONS = "text_model.embeddings.position_embedding.weight"
+# CLIPTextModelWithProjection's head, beside text_model in transformers' keys.
+_PROJECTION_HEAD = "text_projection."
+_PROJECTION = _PROJECTION_HEAD + "weight"
 
 
 def _add(table: dict, ldm: str, diffusers: str, submodules: Mapping[str, str]) -> None:
@@ -101,7 +112,10 @@ def _add(table: dict, ldm: str, diffusers: str, submodules: Mapping[str, str]) -
 
 
 def unet_module_table(config: UNetConfig) -> dict[str, str]:
-    """LDM U-Net module paths (after ``model.diffusion_model.``) -> diffusers ``UNet2DConditionModel`` paths."""
+    """LDM U-Net module paths (after ``model.diffusion_model.``) -> diffusers ``UNet2DConditionModel`` paths.
+
+    ``input_blocks`` count every resnet(+attention) pair and downsampler, with or without attention (SDXL base:
+    0 conv_in, 1-2 level 0, 3 its downsampler, 4-5, 6, 7-8); SDXL's ``add_embedding`` is LDM's ``label_emb.0``."""
     table = {
         "time_embed.0": "time_embedding.linear_1",
         "time_embed.2": "time_embedding.linear_2",
@@ -111,6 +125,10 @@ def unet_module_table(config: UNetConfig) -> dict[str, str]:
     }
     if config.time_cond_proj_dim is not None:  # LCM U-Nets: single files keep diffusers' name for it
         table["time_embedding.cond_proj"] = "time_embedding.cond_proj"
+    if config.addition_embed_type == "text_time":  # SDXL's pooled-text + time-ids embedding
+        table["label_emb.0.0"] = "add_embedding.linear_1"
+        table["label_emb.0.2"] = "add_embedding.linear_2"
+    depths = config.transformer_layers_per_level()
     last = len(config.block_out_channels) - 1
     per_block = config.layers_per_block
     index = 1
@@ -118,13 +136,14 @@ def unet_module_table(config: UNetConfig) -> dict[str, str]:
         for j in range(per_block):
             _add(table, f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET)
             if kind == "CrossAttnDownBlock2D":
-                _add(table, f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}", _TRANSFORMER)
+                _add(table, f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}",
+                     _transformer(depths[level]))
             index += 1
         if level < last:
             table[f"input_blocks.{index}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
             index += 1
     _add(table, "middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
-    _add(table, "middle_block.1", "mid_block.attentions.0", _TRANSFORMER)
+    _add(table, "middle_block.1", "mid_block.attentions.0", _transformer(depths[-1]))
     _add(table, "middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
     index = 0
     for level, kind in enumerate(config.up_block_types):
@@ -132,7 +151,8 @@ def unet_module_table(config: UNetConfig) -> dict[str, str]:
         for j in range(per_block + 1):
             _add(table, f"output_blocks.{index}.0", f"up_blocks.{level}.resnets.{j}", _UNET_RESNET)
             if attention:
-                _add(table, f"output_blocks.{index}.1", f"up_blocks.{level}.attentions.{j}", _TRANSFORMER)
+                _add(table, f"output_blocks.{index}.1", f"up_blocks.{level}.attentions.{j}",
+                     _transformer(depths[last - level]))
             if j == per_block and level < last:
                 table[f"output_blocks.{index}.{2 if attention else 1}.conv"] = f"up_blocks.{level}.upsamplers.0.conv"
             index += 1
@@ -167,9 +187,11 @@ def vae_module_table(config: VAEConfig) -> dict[str, str]:
 
 
 def open_clip_module_table(config: CLIPTextConfig) -> dict[str, str]:
-    """OpenCLIP text-tower module paths (after ``cond_stage_model.model.``) -> transformers ``CLIPTextModel``.
+    """OpenCLIP text-tower module paths (after a prefix like ``cond_stage_model.model.``) -> transformers
+    ``CLIPTextModel``.
 
-    The packed ``attn.in_proj_weight`` / ``in_proj_bias`` are split into q/k/v by the converters.
+    The converters split the packed ``attn.in_proj_weight`` / ``in_proj_bias`` into q/k/v and place the
+    un-moduled ``positional_embedding`` and ``text_projection``.
     """
     table = {
         "token_embedding": "text_model.embeddings.token_embedding",
@@ -181,13 +203,42 @@ def open_clip_module_table(config: CLIPTextConfig) -> dict[str, str]:
 
 
 def clip_key(key: str) -> str:
-    """SD 1.x text keys, ``text_model.`` inserted for files written before transformers added it."""
-    return key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key
+    """transformers CLIP text keys with ``text_model.`` (files written before transformers added it, and
+    transformers 5's ``CLIPTextModel``, lack it); ``CLIPTextModelWithProjection``'s head stays beside it."""
+    return key if key.startswith((TEXT_MODEL_PREFIX, _PROJECTION_HEAD)) else TEXT_MODEL_PREFIX + key
 
 
 def uses_open_clip(config: ModelConfig) -> bool:
     """Whether a model's text encoder is SD 2.x's OpenCLIP ViT-H (GELU) rather than SD 1.x's CLIP (quick GELU)."""
     return config.text_encoder.hidden_act == "gelu"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderSlot:
+    """Where a single file keeps one text encoder, and in which layout."""
+
+    prefix: str
+    # OpenCLIP's own layout (q/k/v packed in ``attn.in_proj_*``, ``ln_final``, a (width, projection)
+    # ``text_projection`` applied as x @ P) rather than transformers ``CLIPTextModel`` keys.
+    open_clip: bool
+    # The file holds one OpenCLIP layer more than the model runs (SD 2.x with diffusers' 23 layers): it is
+    # dropped on reading and written back as an identity layer.
+    extra_last_layer: bool = False
+
+
+SDXL_TEXT_ENCODERS = {
+    "text_encoder": TextEncoderSlot(SDXL_CLIP_PREFIX, open_clip=False),
+    "text_encoder_2": TextEncoderSlot(SDXL_OPEN_CLIP_PREFIX, open_clip=True),
+}
+SDXL_REFINER_TEXT_ENCODERS = {"text_encoder_2": TextEncoderSlot(SDXL_REFINER_OPEN_CLIP_PREFIX, open_clip=True)}
+
+
+def text_encoder_slot(config: ModelConfig) -> TextEncoderSlot:
+    """Where an SD 1.x / 2.x single file keeps the text encoder of ``config``."""
+    if not uses_open_clip(config):
+        return TextEncoderSlot(CLIP_PREFIX, open_clip=False)
+    extra = config.text_encoder.num_hidden_layers == OPEN_CLIP_LAYERS - 1
+    return TextEncoderSlot(OPEN_CLIP_PREFIX, open_clip=True, extra_last_layer=extra)
 
 
 # --- LDM single file -> diffusers components -----------------------------------------------------------------
@@ -202,9 +253,6 @@ def _ignored_keys(state: Mapping[str, np.ndarray], config: ModelConfig, use_ema:
     patterns = [re.compile(p) for p in IGNORED]
     if not use_ema:
         patterns.append(re.compile(re.escape(EMA_PREFIX) + ".*"))
-    if uses_open_clip(config) and config.text_encoder.num_hidden_layers == OPEN_CLIP_LAYERS - 1:
-        dropped = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{OPEN_CLIP_LAYERS - 1}."
-        patterns.append(re.compile(re.escape(dropped) + ".*"))
     return {key for key in state if any(p.fullmatch(key) for p in patterns)}
 
 
@@ -259,13 +307,7 @@ def ldm_to_diffusers(
     states: dict[str, dict[str, np.ndarray]] = {"text_encoder": {}, "unet": {}, "vae": {}}
     _map_modules(state, UNET_PREFIX, unet_module_table(config.unet), states["unet"], used, unet_value)
     _map_modules(state, VAE_PREFIX, vae_module_table(config.vae), states["vae"], used, vae_value)
-    if uses_open_clip(config):
-        _open_clip_to_transformers(state, config.text_encoder, states["text_encoder"], used)
-    else:
-        for key in state:
-            if key.startswith(CLIP_PREFIX) and key not in used:
-                _put(states["text_encoder"], clip_key(key[len(CLIP_PREFIX):]), state[key], key)
-                used.add(key)
+    states["text_encoder"] = text_encoder_to_transformers(state, config.text_encoder, text_encoder_slot(config), used)
 
     if missing_ema:
         raise ValueError(f"use_ema=True, but {len(missing_ema)} U-Net tensor(s) have no EMA copy, "
@@ -281,16 +323,38 @@ def ldm_to_diffusers(
     return states
 
 
-def _open_clip_to_transformers(state, config: CLIPTextConfig, out: dict, used: set) -> None:
-    table = open_clip_module_table(config)
-    hidden = config.hidden_size
+def text_encoder_to_transformers(
+    state: Mapping[str, np.ndarray], config: CLIPTextConfig, slot: TextEncoderSlot, used: set
+) -> dict[str, np.ndarray]:
+    """The not yet ``used`` tensors under ``slot.prefix`` -> a transformers ``CLIPTextModel`` (or, with
+    ``config.projection_dim``, ``CLIPTextModelWithProjection``) state dict; adds each tensor it places to
+    ``used`` and leaves the rest for the caller's leftover check."""
+    if slot.open_clip:
+        return _open_clip_to_transformers(state, config, slot, used)
+    out: dict[str, np.ndarray] = {}
     for key in state:
-        if not key.startswith(OPEN_CLIP_PREFIX) or key in used:
+        if key.startswith(slot.prefix) and key not in used:
+            _put(out, clip_key(key[len(slot.prefix):]), state[key], key)
+            used.add(key)
+    return out
+
+
+def _open_clip_to_transformers(state, config: CLIPTextConfig, slot: TextEncoderSlot, used: set) -> dict:
+    prefix, table, hidden = slot.prefix, open_clip_module_table(config), config.hidden_size
+    if slot.extra_last_layer:
+        dropped = f"{prefix}transformer.resblocks.{config.num_hidden_layers}."
+        used.update(key for key in state if key.startswith(dropped))
+    out: dict[str, np.ndarray] = {}
+    for key in state:
+        if not key.startswith(prefix) or key in used:
             continue
-        rest = key[len(OPEN_CLIP_PREFIX):]
+        rest = key[len(prefix):]
         packed = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", rest)
         if rest == "positional_embedding":
-            _put(out, "text_model.embeddings.position_embedding.weight", state[key], key)
+            _put(out, _POSITIONS, state[key], key)
+        elif rest == "text_projection" and config.has_projection:
+            # OpenCLIP computes x @ P with P (width, projection); a torch Linear stores P transposed.
+            _put(out, _PROJECTION, state[key].T, key)
         elif packed and int(packed.group(1)) < config.num_hidden_layers and state[key].shape[0] == 3 * hidden:
             layer, leaf = packed.groups()
             for n, name in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -302,6 +366,7 @@ def _open_clip_to_transformers(state, config: CLIPTextConfig, out: dict, used: s
                 continue
             _put(out, f"{table[module]}.{leaf}", state[key], key)
         used.add(key)
+    return out
 
 
 # --- diffusers components -> LDM single file -----------------------------------------------------------------
@@ -334,38 +399,55 @@ def diffusers_to_ldm(states: Mapping[str, Mapping[str, np.ndarray]], config: Mod
 
     _unmap_modules(states["unet"], unet_module_table(config.unet), UNET_PREFIX, out, unknown, "unet")
     _unmap_modules(states["vae"], vae_module_table(config.vae), VAE_PREFIX, out, unknown, "vae", vae_value)
-    text = {clip_key(k): v for k, v in states["text_encoder"].items() if not k.endswith("embeddings.position_ids")}
-    if uses_open_clip(config):
-        _transformers_to_open_clip(text, config.text_encoder, out, unknown)
-    else:
-        out.update({CLIP_PREFIX + key: value for key, value in text.items()})
+    out.update(transformers_to_text_encoder(states["text_encoder"], config.text_encoder, text_encoder_slot(config),
+                                            unknown))
     if unknown:
         shown = ", ".join(sorted(unknown)[:12]) + (" ..." if len(unknown) > 12 else "")
         raise ValueError(f"{len(unknown)} tensor(s) have no place in the single-file layout of this config: {shown}")
     return out
 
 
-def _transformers_to_open_clip(text: dict, config: CLIPTextConfig, out: dict, unknown: list) -> None:
-    text = dict(text)
-    prefix = OPEN_CLIP_PREFIX
-    positions = text.pop("text_model.embeddings.position_embedding.weight", None)
+def transformers_to_text_encoder(
+    text: Mapping[str, np.ndarray], config: CLIPTextConfig, slot: TextEncoderSlot, unknown: list,
+    what: str = "text_encoder",
+) -> dict[str, np.ndarray]:
+    """Inverse of ``text_encoder_to_transformers``: a transformers state dict (keys with or without
+    ``text_model.``) -> the file's tensors under ``slot.prefix``; what has no place, or is missing, is
+    appended to ``unknown`` as ``"<what> <key>"``."""
+    text = {clip_key(k): v for k, v in text.items() if not k.endswith("embeddings.position_ids")}
+    if slot.open_clip:
+        return _transformers_to_open_clip(text, config, slot, unknown, what)
+    return {slot.prefix + key: value for key, value in text.items()}
+
+
+def _transformers_to_open_clip(text: dict, config: CLIPTextConfig, slot: TextEncoderSlot, unknown: list,
+                               what: str) -> dict:
+    prefix, out = slot.prefix, {}
+    positions = text.pop(_POSITIONS, None)
     if positions is None:
-        unknown.append("text_encoder text_model.embeddings.position_embedding.weight (missing)")
+        unknown.append(f"{what} {_POSITIONS} (missing)")
     else:
         out[prefix + "positional_embedding"] = positions
+    if config.has_projection:
+        projection = text.pop(_PROJECTION, None)
+        if projection is None:
+            unknown.append(f"{what} {_PROJECTION} (missing)")
+        else:
+            out[prefix + "text_projection"] = np.ascontiguousarray(projection.T)
     for i in range(config.num_hidden_layers):
         for leaf in ("weight", "bias"):
             names = [f"text_model.encoder.layers.{i}.self_attn.{n}_proj.{leaf}" for n in "qkv"]
             if not all(n in text for n in names):
-                unknown.append(f"text_encoder layer {i} q/k/v {leaf} (missing)")
+                unknown.append(f"{what} layer {i} q/k/v {leaf} (missing)")
                 continue
             out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate([text.pop(n) for n in names])
-    _unmap_modules(text, open_clip_module_table(config), prefix, out, unknown, "text_encoder")
-    if positions is not None and config.num_hidden_layers == OPEN_CLIP_LAYERS - 1:
-        out.update(_identity_open_clip_layer(config, positions.dtype, OPEN_CLIP_LAYERS - 1))
+    _unmap_modules(text, open_clip_module_table(config), prefix, out, unknown, what)
+    if positions is not None and slot.extra_last_layer:
+        out.update(_identity_open_clip_layer(config, positions.dtype, prefix))
+    return out
 
 
-def _identity_open_clip_layer(config: CLIPTextConfig, dtype, index: int) -> dict[str, np.ndarray]:
+def _identity_open_clip_layer(config: CLIPTextConfig, dtype, prefix: str) -> dict[str, np.ndarray]:
     """The 24th OpenCLIP layer that SD 2.x never runs, written as an exact identity (zero residual branches).
 
     Files then have the 24 layers SD 2.x tools expect, and a tool that does run the last layer gets the
@@ -380,6 +462,53 @@ def _identity_open_clip_layer(config: CLIPTextConfig, dtype, index: int) -> dict
     }
     fill = {"ln_1.weight": np.ones, "ln_2.weight": np.ones}
     return {
-        f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.{name}": fill.get(name, np.zeros)(shape, dtype)
+        f"{prefix}transformer.resblocks.{config.num_hidden_layers}.{name}": fill.get(name, np.zeros)(shape, dtype)
         for name, shape in shapes.items()
     }
+
+
+# --- SDXL's conditioner: its text encoders <-> transformers state dicts -------------------------------------
+
+
+def sdxl_text_encoders_to_transformers(
+    state: Mapping[str, np.ndarray], configs: Mapping[str, CLIPTextConfig]
+) -> dict[str, dict[str, np.ndarray]]:
+    """SDXL's ``conditioner.*`` tensors -> transformers state dicts, named like diffusers' folders.
+
+    ``configs`` names the towers the file holds: ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2``
+    (OpenCLIP bigG, a ``CLIPTextModelWithProjection``) for SDXL base, ``text_encoder_2`` alone for the
+    refiner. Every ``conditioner.*`` tensor is used once or ignored by ``IGNORED``; others raise a ValueError.
+    """
+    slots = _sdxl_slots(configs)
+    patterns = [re.compile(p) for p in IGNORED]
+    used = {k for k in state if k.startswith(CONDITIONER_PREFIX) and any(p.fullmatch(k) for p in patterns)}
+    states = {name: text_encoder_to_transformers(state, configs[name], slot, used) for name, slot in slots.items()}
+    leftovers = sorted(k for k in state if k.startswith(CONDITIONER_PREFIX) and k not in used)
+    if leftovers:
+        shown = ", ".join(leftovers[:12]) + (" ..." if len(leftovers) > 12 else "")
+        raise ValueError(f"{len(leftovers)} conditioner tensor(s) have no place in the SDXL text encoders "
+                         f"({', '.join(slots)}) the configs describe: {shown}")
+    return states
+
+
+def transformers_to_sdxl_text_encoders(
+    states: Mapping[str, Mapping[str, np.ndarray]], configs: Mapping[str, CLIPTextConfig]
+) -> dict[str, np.ndarray]:
+    """Inverse of ``sdxl_text_encoders_to_transformers``: every tensor of ``states`` placed under
+    ``conditioner.``, or a ValueError naming those with no place and those missing."""
+    out: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for name, slot in _sdxl_slots(configs).items():
+        out.update(transformers_to_text_encoder(states[name], configs[name], slot, unknown, what=name))
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:12]) + (" ..." if len(unknown) > 12 else "")
+        raise ValueError(f"{len(unknown)} tensor(s) have no place in SDXL's conditioner layout: {shown}")
+    return out
+
+
+def _sdxl_slots(configs: Mapping[str, CLIPTextConfig]) -> dict[str, TextEncoderSlot]:
+    for slots in (SDXL_TEXT_ENCODERS, SDXL_REFINER_TEXT_ENCODERS):
+        if set(configs) == set(slots):
+            return slots
+    raise ValueError(f"SDXL text encoders are {sorted(SDXL_TEXT_ENCODERS)} (base) or "
+                     f"{sorted(SDXL_REFINER_TEXT_ENCODERS)} (refiner); got {sorted(configs)}")

@@ -1,9 +1,12 @@
-"""The CLIP text encoder (transformers ``CLIPTextModel``) in flax.linen.
+"""The CLIP text encoder (transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``) in flax.linen.
 
 SD 1.x uses OpenAI's ViT-L/14 text tower (quick_gelu), SD 2.x OpenCLIP's ViT-H text tower (exact
-erf gelu); both are pre-norm transformers with a causal mask and a final layer norm. The module
-tree mirrors the transformers state-dict keys without the ``text_model.`` prefix
-(``encoder.layers.0.self_attn.q_proj.weight`` -> ``encoder/layers_0/self_attn/q_proj/kernel``).
+erf gelu); both are pre-norm transformers with a causal mask and a final layer norm. SDXL adds
+OpenCLIP's ViT-bigG/14 tower with its ``text_projection`` head (``CLIPTextModelWithProjection``). The
+module tree mirrors the transformers state-dict keys without the ``text_model.`` prefix
+(``encoder.layers.0.self_attn.q_proj.weight`` -> ``encoder/layers_0/self_attn/q_proj/kernel``); the
+projection head is ``text_projection/kernel``, as transformers' ``text_projection.weight`` beside
+``text_model``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from sdjax.models.layers import attention
 
 Dtype = Any
 
+# The projection's module name: transformers' ``text_projection.weight``, outside ``text_model``.
+PROJECTION_HEAD = "text_projection"
 # transformers' checkpoints from before PR #24773 set eos_token_id=2 and pool at the largest token id.
 _LEGACY_EOS_TOKEN_ID = 2
 
@@ -159,13 +164,17 @@ def pool_at_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> j
 
 
 class CLIPTextModel(nn.Module):
-    """transformers ``CLIPTextModel``: token ids (B, T) -> final-layer-normed hidden states (B, T, D).
+    """transformers ``CLIPTextModel``: token ids (B, T) -> final-layer-normed hidden states (B, T, D); with
+    ``config.projection_dim`` set, ``CLIPTextModelWithProjection`` (its pooled output is ``text_embeds``).
 
     ``skip_layers=k`` drops the last k encoder layers before the final layer norm, which is
     diffusers' ``clip_skip=k`` (hidden_states[-(k + 1)] through final_layer_norm) and AUTOMATIC1111's
-    "Clip skip" k + 1 (for SD 1.x; A1111 also applies the final layer norm). ``added_tokens`` (N, D):
-    textual-inversion vectors for token ids from ``vocab_size`` on. ``attention_mask`` (B, T), as
-    transformers': 0 / False keeps a token out of every other token's attention (its own output remains).
+    "Clip skip" k + 1 (for SD 1.x; A1111 also applies the final layer norm). ``final_norm=False`` returns
+    that layer's output without the final layer norm, which is what SDXL conditions on: SDXL takes
+    hidden_states[-2], ``skip_layers=1, final_norm=False``; diffusers' SDXL ``clip_skip=c`` is
+    ``skip_layers=c + 1``. ``added_tokens`` (N, D): textual-inversion vectors for token ids from
+    ``vocab_size`` on. ``attention_mask`` (B, T), as transformers': 0 / False keeps a token out of every
+    other token's attention (its own output remains).
     """
 
     config: CLIPTextConfig
@@ -181,26 +190,47 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(
             epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
         )
+        if self.config.has_projection:
+            self.text_projection = nn.Dense(
+                self.config.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=PROJECTION_HEAD,
+            )
 
     def __call__(self, input_ids: jax.Array, skip_layers: int = 0, added_tokens: Optional[jax.Array] = None,
-                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
+                 attention_mask: Optional[jax.Array] = None, *, final_norm: bool = True) -> jax.Array:
         self._check_inputs(input_ids, skip_layers)
         num_layers = self.config.num_hidden_layers - skip_layers
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-        layer_outputs = self.encoder(self.embeddings(input_ids, added_tokens), num_layers, mask)
-        return self.final_layer_norm(layer_outputs[-1])
+        layer_outputs = self._layer_outputs(input_ids, num_layers, added_tokens, attention_mask)
+        normed = self.final_layer_norm(layer_outputs[-1])
+        if self.config.has_projection and self.is_initializing():
+            # __call__ never pools, so run the projection once here for init to create its kernel.
+            self.text_projection(normed[:, 0])
+        return normed if final_norm else layer_outputs[-1]
 
-    def encode_with_pooled(self, input_ids: jax.Array, skip_layers: int = 0) -> tuple[jax.Array, jax.Array]:
-        """(hidden states as ``__call__`` returns them, pooled (B, D) as transformers' pooler_output).
+    def encode_with_pooled(self, input_ids: jax.Array, skip_layers: int = 0, added_tokens: Optional[jax.Array] = None,
+                           attention_mask: Optional[jax.Array] = None, *,
+                           final_norm: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(hidden states as ``__call__`` returns them, pooled vector (B, P)).
 
-        The pooled vector always comes from the full-depth, final-layer-normed output, whatever
-        ``skip_layers`` is (as diffusers' SDXL pipelines use it).
+        The pooled vector always comes from the full-depth, final-layer-normed output at the
+        end-of-text token, whatever ``skip_layers`` and ``final_norm`` are (as diffusers' SDXL
+        pipelines use it): transformers' ``pooler_output`` (P = hidden_size), or for a tower with a
+        projection that vector through ``text_projection``, transformers' ``text_embeds``
+        (P = projection_dim).
         """
         self._check_inputs(input_ids, skip_layers)
-        layer_outputs = self.encoder(self.embeddings(input_ids), self.config.num_hidden_layers)
+        layer_outputs = self._layer_outputs(input_ids, self.config.num_hidden_layers, added_tokens, attention_mask)
         last = self.final_layer_norm(layer_outputs[-1])
-        hidden = self.final_layer_norm(layer_outputs[-1 - skip_layers]) if skip_layers else last
-        return hidden, pool_at_eos(last, input_ids, self.config.eos_token_id)
+        chosen = layer_outputs[-1 - skip_layers]
+        if final_norm:
+            chosen = self.final_layer_norm(chosen) if skip_layers else last
+        pooled = pool_at_eos(last, input_ids, self.config.eos_token_id)
+        return chosen, self.text_projection(pooled) if self.config.has_projection else pooled
+
+    def _layer_outputs(self, input_ids: jax.Array, num_layers: int, added_tokens: Optional[jax.Array],
+                       attention_mask: Optional[jax.Array]) -> list[jax.Array]:
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+        return self.encoder(self.embeddings(input_ids, added_tokens), num_layers, mask)
 
     def _check_inputs(self, input_ids: jax.Array, skip_layers: int) -> None:
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):

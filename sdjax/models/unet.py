@@ -1,9 +1,10 @@
-"""The Stable Diffusion 1.x / 2.x conditional U-Net (diffusers ``UNet2DConditionModel``), NHWC.
+"""The Stable Diffusion 1.x / 2.x / SDXL conditional U-Net (diffusers ``UNet2DConditionModel``), NHWC.
 
 Submodules carry the diffusers state-dict names (``down_blocks_1/attentions_0/...``), so weights
 convert mechanically. The skip connections follow diffusers exactly: the conv_in output, every
 resnet (+attention) output of each down block and every downsampler output are pushed, and each up
-block pops ``layers_per_block + 1`` of them.
+block pops ``layers_per_block + 1`` of them. SDXL adds deeper attentions (``transformer_layers_per_block``)
+and the text-time embedding ``add_embedding`` of the pooled text embedding and the size/crop time ids.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from sdjax.models.layers import (
 
 
 def _transformer(config: UNetConfig, heads: int, channels: int, implementation, dtype, param_dtype, name: str,
-                 only_cross_attention: bool) -> Transformer2DModel:
+                 only_cross_attention: bool, num_layers: int) -> Transformer2DModel:
     return Transformer2DModel(
         heads=heads,
         head_dim=channels // heads,
         norm_num_groups=config.norm_num_groups,
+        num_layers=num_layers,
         use_linear_projection=config.use_linear_projection,
         only_cross_attention=only_cross_attention,
         upcast=config.upcast_attention,
@@ -55,6 +57,7 @@ class UNetDownBlock(nn.Module):
     attention_implementation: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    transformer_layers: int = 1
 
     @nn.compact
     def __call__(self, x, temb, context, additional_residual: Optional[jax.Array] = None, stop: Optional[int] = None):
@@ -68,7 +71,7 @@ class UNetDownBlock(nn.Module):
             x = resnet(x, temb)
             if self.with_attention:
                 x = _transformer(cfg, self.heads, self.out_channels, self.attention_implementation, dt, pdt,
-                                 f"attentions_{i}", cfg.only_cross_attention)(x, context)
+                                 f"attentions_{i}", cfg.only_cross_attention, self.transformer_layers)(x, context)
             if additional_residual is not None and i == cfg.layers_per_block - 1:
                 x = x + additional_residual.astype(dt)
             skips.append(x)
@@ -89,6 +92,7 @@ class UNetUpBlock(nn.Module):
     attention_implementation: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    transformer_layers: int = 1
 
     @nn.compact
     def __call__(self, x, skips: Sequence[Optional[jax.Array]], temb, context, upsample_size=None, start: int = 0,
@@ -107,14 +111,15 @@ class UNetUpBlock(nn.Module):
             x = resnet(x, temb)
             if self.with_attention:
                 x = _transformer(cfg, self.heads, self.out_channels, self.attention_implementation, dt, pdt,
-                                 f"attentions_{i}", cfg.only_cross_attention)(x, context)
+                                 f"attentions_{i}", cfg.only_cross_attention, self.transformer_layers)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dt, pdt, name="upsamplers_0")(x, upsample_size)
         return x if capture is None else (x, captured)
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    """resnet -> transformer -> resnet at the lowest resolution (always with self-attention)."""
+    """resnet -> transformer -> resnet at the lowest resolution (always with self-attention); the transformer is
+    as deep as the last level's."""
 
     config: UNetConfig
     heads: int
@@ -128,9 +133,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         channels = x.shape[-1]
         x = ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name="resnets_0")(x, temb)
         # diffusers does not pass only_cross_attention to the mid block.
-        x = _transformer(cfg, self.heads, channels, self.attention_implementation, dt, pdt, "attentions_0", False)(
-            x, context
-        )
+        depth = cfg.transformer_layers_per_level()[-1]
+        x = _transformer(cfg, self.heads, channels, self.attention_implementation, dt, pdt, "attentions_0", False,
+                         depth)(x, context)
         return ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dt, pdt, name="resnets_1")(x, temb)
 
 
@@ -146,6 +151,17 @@ def _add_residuals(skips: list, residuals: Sequence[jax.Array], dtype) -> list:
     return [skip + residual.astype(dtype) for skip, residual in zip(skips, residuals)]
 
 
+def text_time_features(text_embeds: jax.Array, time_ids: jax.Array, config: UNetConfig, batch: int) -> jax.Array:
+    """SDXL's input to ``add_embedding``, (batch, projection_class_embeddings_input_dim) in fp32: the pooled text
+    embedding, then each time id's sinusoidal embedding (``addition_time_embed_dim`` wide, with the timestep
+    embedding's flip and shift) in order. Inputs with a batch of 1 are shared by the whole batch."""
+    ids, text = jnp.asarray(time_ids, jnp.float32), jnp.asarray(text_embeds).astype(jnp.float32)
+    ids, text = jnp.broadcast_to(ids, (batch, ids.shape[1])), jnp.broadcast_to(text, (batch, text.shape[1]))
+    per_id = timestep_embedding(ids.reshape(-1), config.addition_time_embed_dim,
+                                flip_sin_to_cos=config.flip_sin_to_cos, downscale_freq_shift=config.freq_shift)
+    return jnp.concatenate([text, per_id.reshape(batch, -1)], axis=-1)
+
+
 class UNet2DConditionModel(nn.Module):
     """Predicts noise (or v) from NHWC latents, timesteps and text embeddings.
 
@@ -153,6 +169,7 @@ class UNet2DConditionModel(nn.Module):
     of at least ``2 ** (len(block_out_channels) - 1)`` (other sizes than multiples of it work, as in
     diffusers: each upsampler resizes to its skip connection); timesteps a scalar or (B,) array;
     encoder_hidden_states (B, L, cross_attention_dim). Returns (B, H, W, out_channels) in ``dtype``.
+    SDXL U-Nets (``addition_embed_type="text_time"``) also need the keywords ``text_embeds`` and ``time_ids``.
     """
 
     config: UNetConfig
@@ -188,6 +205,32 @@ class UNet2DConditionModel(nn.Module):
         if jnp.ndim(timesteps) > 1 or jnp.size(timesteps) not in (1, batch):
             raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got shape {jnp.shape(timesteps)}")
 
+    def _check_added_conditions(self, text_embeds, time_ids, batch: int) -> None:
+        cfg = self.config
+        given = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if cfg.addition_embed_type is None:
+            for name, value in given.items():
+                if value is not None:
+                    raise ValueError(
+                        f"{name} was given but this U-Net takes no added conditioning (its addition_embed_type is "
+                        "None); text_embeds and time_ids are for SDXL U-Nets (addition_embed_type='text_time')"
+                    )
+            return
+        missing = [name for name, value in given.items() if value is None]
+        if len(missing) == 2 and self.is_initializing():
+            return  # parameter shapes do not depend on them: init works from the three ordinary inputs
+        width, total = cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim
+        accepted = (f"text_embeds (batch, pooled width) and time_ids (batch, number of ids), batch {batch} or 1, "
+                    f"with pooled width + number of ids * {width} = {total} (projection_class_embeddings_input_dim)")
+        if missing:
+            raise ValueError(f"this SDXL U-Net (addition_embed_type='text_time') needs {' and '.join(missing)}: "
+                             f"{accepted}")
+        text_shape, ids_shape = jnp.shape(text_embeds), jnp.shape(time_ids)
+        if (len(text_shape) != 2 or len(ids_shape) != 2 or text_shape[0] not in (1, batch)
+                or ids_shape[0] not in (1, batch) or text_shape[1] + ids_shape[1] * width != total):
+            raise ValueError(f"text_embeds has shape {text_shape} and time_ids {ids_shape}; this U-Net takes "
+                             f"{accepted}")
+
     def _check_timestep_cond(self, timestep_cond, batch: int) -> None:
         dim = self.config.time_cond_proj_dim
         if timestep_cond is None:
@@ -212,10 +255,16 @@ class UNet2DConditionModel(nn.Module):
         timestep_cond: Optional[jax.Array] = None,
         cache_branch: Optional[tuple] = None,
         cached_feature: Optional[jax.Array] = None,
+        text_embeds: Optional[jax.Array] = None,
+        time_ids: Optional[jax.Array] = None,
     ) -> jax.Array:
         """``timestep_cond`` (B, time_cond_proj_dim): the guidance embedding of guidance-distilled U-Nets
         (LCM; ``sdjax.samplers.guidance_embedding``), added to the timestep embedding through
         ``time_embedding.cond_proj``; omitted, it adds nothing.
+
+        ``text_embeds`` (B, pooled text width) and ``time_ids`` (B, 6 for SDXL base, 5 for the refiner): SDXL's
+        added conditioning, required by ``addition_embed_type="text_time"`` U-Nets and refused by others.
+        ``init`` may omit both (the parameters do not depend on them).
 
         The residual inputs follow diffusers: ``down_block_additional_residuals`` (ControlNet, one per skip
         connection) are added to the skips and ``mid_block_additional_residual`` to the mid block's output;
@@ -227,6 +276,7 @@ class UNet2DConditionModel(nn.Module):
         cfg, dt, pdt, impl = self.config, self.dtype, self.param_dtype, self.attention_implementation
         self._check_inputs(sample, timesteps, encoder_hidden_states)
         self._check_timestep_cond(timestep_cond, sample.shape[0])
+        self._check_added_conditions(text_embeds, time_ids, sample.shape[0])
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: pass both down_block_additional_residuals and "
@@ -235,6 +285,7 @@ class UNet2DConditionModel(nn.Module):
         intrablock = list(down_intrablock_additional_residuals or ())
         batch = sample.shape[0]
         heads = cfg.heads_per_block()
+        depths = cfg.transformer_layers_per_level()
         channels = cfg.block_out_channels
         context = encoder_hidden_states.astype(dt)
 
@@ -248,6 +299,12 @@ class UNet2DConditionModel(nn.Module):
         )
         time_embedding = TimestepEmbedding(4 * channels[0], dt, pdt, cfg.time_cond_proj_dim, name="time_embedding")
         temb = time_embedding(t_emb, timestep_cond)
+        if cfg.addition_embed_type == "text_time":
+            if text_embeds is None:  # init without the added conditions (see _check_added_conditions)
+                added = jnp.zeros((batch, cfg.projection_class_embeddings_input_dim), jnp.float32)
+            else:
+                added = text_time_features(text_embeds, time_ids, cfg, batch)
+            temb = temb + TimestepEmbedding(4 * channels[0], dt, pdt, name="add_embedding")(added)
 
         x = conv(channels[0], 3, dt, pdt, "conv_in")(x)
         n = cfg.layers_per_block
@@ -270,7 +327,7 @@ class UNet2DConditionModel(nn.Module):
             x, block_skips = UNetDownBlock(
                 cfg, channels[i], heads[i], with_attention=with_attention,
                 add_downsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
-                name=f"down_blocks_{i}",
+                transformer_layers=depths[i], name=f"down_blocks_{i}",
             )(x, temb, context, residual, stop)
             if not with_attention and intrablock:
                 # diffusers adds this in place to the block's output tensor, which is also its last skip.
@@ -289,7 +346,7 @@ class UNet2DConditionModel(nn.Module):
             if mid_block_additional_residual is not None:
                 x = x + mid_block_additional_residual.astype(dt)
 
-        up_channels, up_heads = channels[::-1], heads[::-1]
+        up_channels, up_heads, up_depths = channels[::-1], heads[::-1], depths[::-1]
         feature = None
         for i, block_type in enumerate(cfg.up_block_types):
             start, capture = 0, None
@@ -306,7 +363,7 @@ class UNet2DConditionModel(nn.Module):
             x = UNetUpBlock(
                 cfg, up_channels[i], up_heads[i], with_attention=block_type == "CrossAttnUpBlock2D",
                 add_upsample=i < len(channels) - 1, attention_implementation=impl, dtype=dt, param_dtype=pdt,
-                name=f"up_blocks_{i}",
+                transformer_layers=up_depths[i], name=f"up_blocks_{i}",
             )(x, block_skips, temb, context, upsample_size, start, capture)
             if capture is not None:
                 x, feature = x
