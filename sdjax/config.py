@@ -426,6 +426,10 @@ class SchedulerConfig:
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
     skip_prk_steps: Optional[bool] = True
+    # Consistency-distilled models' LCMScheduler / TCDScheduler settings (None: absent, the samplers' defaults
+    # 50 and 10.0); the lcm and tcd samplers take them unless a call passes its own.
+    original_inference_steps: Optional[int] = None
+    timestep_scaling: Optional[float] = None
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "SchedulerConfig":

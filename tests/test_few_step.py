@@ -6,7 +6,6 @@ on both sides, and diffusers' per-step draws replaced by the noise sdjax's loop 
 """
 
 import dataclasses
-import json
 
 import diffusers
 import jax
@@ -23,7 +22,7 @@ from sdjax import StableDiffusion, sampling
 from sdjax.config import SchedulerConfig, UNetConfig
 from sdjax.layouts.diffusers import torch_to_flax
 from sdjax.models.unet import UNet2DConditionModel
-from sdjax.samplers import add_noise, distillation_options, guidance_embedding, make_schedule
+from sdjax.samplers import add_noise, guidance_embedding, make_schedule
 
 STEPS = (1, 2, 4, 8)
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -151,12 +150,28 @@ def test_tcd_default_eta_is_deterministic():
     assert make_schedule("tcd", SchedulerConfig(), 3, eta=0.3).stochastic is True
 
 
-def test_distillation_options_from_a_scheduler_config(tmp_path):
+def test_distillation_settings_come_from_the_scheduler_config(tmp_path):
+    """A consistency-distilled model's scheduler_config.json sets the lcm/tcd grid and boundary scaling, as its
+    LCMScheduler / TCDScheduler would; a call's own options win."""
     diffusers.LCMScheduler(original_inference_steps=100, timestep_scaling=5.0).save_pretrained(tmp_path)
-    data = json.loads((tmp_path / "scheduler_config.json").read_text())
-    assert distillation_options("lcm", data) == {"original_inference_steps": 100, "timestep_scaling": 5.0}
-    assert distillation_options("tcd", data) == {"original_inference_steps": 100}
-    make_schedule("tcd", SchedulerConfig.from_diffusers_config(data), 4, **distillation_options("tcd", data))
+    config = SchedulerConfig.from_diffusers_config(tmp_path / "scheduler_config.json")
+    assert (config.original_inference_steps, config.timestep_scaling) == (100, 5.0)
+    assert (SchedulerConfig().original_inference_steps, SchedulerConfig().timestep_scaling) == (None, None)
+
+    def tables(name, config, **options):
+        schedule = make_schedule(name, config, 4, **options)
+        return jax.tree.leaves((schedule.timesteps, schedule.tables))
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    plain = dataclasses.replace(config, original_inference_steps=None, timestep_scaling=None)
+    explicit = dict(original_inference_steps=100, timestep_scaling=5.0)
+    assert same(tables("lcm", config), tables("lcm", plain, **explicit))
+    assert not same(tables("lcm", config), tables("lcm", plain))
+    assert same(tables("lcm", config, original_inference_steps=50, timestep_scaling=10.0), tables("lcm", plain))
+    assert same(tables("tcd", config), tables("tcd", plain, original_inference_steps=100))
+    assert same(tables("ddim", config), tables("ddim", plain))  # other samplers ignore them
 
 
 def test_few_step_errors():

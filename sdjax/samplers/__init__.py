@@ -41,7 +41,7 @@ import numpy as np
 from sdjax.config import TIMESTEP_SPACINGS, SchedulerConfig
 from sdjax.schedules import K_DIFFUSION_GRIDS
 from sdjax.samplers import few_step, k, multistep, vp
-from sdjax.samplers.few_step import distillation_options, guidance_embedding
+from sdjax.samplers.few_step import config_defaults, guidance_embedding
 from sdjax.samplers.names import A1111_SAMPLERS, SCHEDULE_TYPES, from_a1111, resolve_sampler, to_a1111
 from sdjax.samplers.schedule import (
     Parameterization,
@@ -70,7 +70,6 @@ __all__ = [
     "Parameterization",
     "Schedule",
     "add_noise",
-    "distillation_options",
     "first_eval",
     "guidance_embedding",
     "init_state",
@@ -208,13 +207,12 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     the nearest table entry, as A1111's "Enable quantization in K samplers".
 
     lcm and tcd (diffusers' ``LCMScheduler`` / ``TCDScheduler``; ``sdjax.samplers.few_step``):
-    ``original_inference_steps`` (50: the distillation grid, as the scheduler config sets it;
-    ``distillation_options`` reads it from a scheduler_config.json), ``strength`` (1.0; < 1 spreads
+    ``original_inference_steps`` (the distillation grid: the model's scheduler config's, else 50), ``strength`` (1.0; < 1 spreads
     the steps over the lowest part of that grid, ``set_timesteps(strength=)`` as diffusers' LCM
     image-to-image pipeline uses it: all ``num_steps`` run, from ``add_noise`` at step 0; the
     generic image-to-image of diffusers slices instead, sdjax's ``start_step``), ``timesteps``
     (None | a strictly descending list of ``num_steps`` integers, replacing the grid); lcm:
-    ``timestep_scaling`` (10.0), ``sigmas`` (None | "uniform" | "karras" | "exponential": A1111's
+    ``timestep_scaling`` (the scheduler config's, else 10.0), ``sigmas`` (None | "uniform" | "karras" | "exponential": A1111's
     "LCM" sampler instead, ``sdjax.schedules.lcm_a1111_grid``); tcd: ``eta`` (gamma in [0, 1]; 0.0 as
     diffusers' pipelines pass it, TCD recipes use 0.3). All but ``sigmas`` only change table values
     and are not part of ``Schedule.options``: new values do not recompile (eta 0 against > 0 does).
@@ -230,7 +228,7 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, **options)
     num_steps = int(num_steps)
     param = parameterization(config.prediction_type)
     sampler = _SAMPLERS[name]
-    opts = _check_options(name, sampler, options)
+    opts = _check_options(name, sampler, {**config_defaults(name, config), **options})
     config = sampler_config(name, config, opts.pop("timestep_spacing", None))
     if opts.get("skip_prk_steps", False) is None:
         opts["skip_prk_steps"] = config.skip_prk_steps

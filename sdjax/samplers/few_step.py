@@ -31,7 +31,7 @@ eta > 0). ``guidance_embedding`` is the w-embedding that guidance-distilled U-Ne
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -206,9 +206,8 @@ TCD = Sampler(
 )
 
 
-def distillation_options(name: str, scheduler_config: Optional[dict]) -> dict:
-    """The options of sampler ``name`` ("lcm" | "tcd") that a diffusers ``scheduler_config.json`` (as a dict)
-    sets beyond ``SchedulerConfig``: ``original_inference_steps``, and ``timestep_scaling`` for LCM."""
-    keys = ("original_inference_steps", "timestep_scaling") if name == "lcm" else ("original_inference_steps",)
-    data = scheduler_config or {}
-    return {key: data[key] for key in keys if key in data}
+def config_defaults(name: str, config) -> dict:
+    """The options of sampler ``name`` that the model's scheduler config sets (``original_inference_steps``,
+    and ``timestep_scaling`` for lcm), as its LCMScheduler / TCDScheduler would take them."""
+    keys = {"lcm": ("original_inference_steps", "timestep_scaling"), "tcd": ("original_inference_steps",)}
+    return {key: getattr(config, key) for key in keys.get(name, ()) if getattr(config, key) is not None}
