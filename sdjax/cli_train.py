@@ -50,6 +50,14 @@ def add_train_lora_options(parser: argparse.ArgumentParser) -> None:
                         help="text encoder layer groups (attention, feed_forward); default: none")
     parser.add_argument("--caption-dropout", type=float, default=0.0,
                         help="share of captions replaced by the empty prompt (for classifier-free guidance)")
+    parser.add_argument("--distill", choices=("lcm",), default=None,
+                        help="instead of the diffusion loss, distil the model into an LCM-LoRA (latent consistency "
+                             "distillation; sample it with --fast lcm --lora)")
+    parser.add_argument("--distill-guidance", type=float, nargs=2, default=(4.0, 16.0), metavar=("MIN", "MAX"),
+                        help="--distill: range of the teacher's guidance scale, drawn per example (default 4 16, "
+                             "diffusers' LCM-LoRA script's w of 3..15)")
+    parser.add_argument("--distill-solver-steps", type=int, default=50,
+                        help="--distill: the teacher's DDIM grid (LCMScheduler's original_inference_steps)")
     _add_run_options(parser, steps=1000, lr=1e-4, weight_decay=1e-2,
                      seed_help="seed of the LoRA initialisation and data order")
 

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 NO_GUIDANCE = 1.0
+# The built-in model's LCM-LoRA, distilled by sdjax (scripts/distill_builtin_lcm.py): --fast lcm loads it
+# when no --model is given.
+# diffusers: pipe.load_lora_weights(folder, weight_name="builtin_lcm_lora.safetensors").
+BUILTIN_LCM_LORA = Path(__file__).resolve().parent / "assets" / "builtin" / "lcm_lora" / "builtin_lcm_lora.safetensors"
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ def apply_fast(args) -> Optional[str]:
     if getattr(args, "from_png", None) is not None:
         raise ValueError(f"--fast {name} and --from-png both set the sampler and steps; give one of them")
     given = getattr(args, "given_flags", frozenset())
+    if name == "lcm" and args.model is None and not args.lora and BUILTIN_LCM_LORA.is_file():
+        args.lora = [str(BUILTIN_LCM_LORA)]
     if "steps" not in given:
         args.steps = preset.steps
     if args.guidance is None:
@@ -89,7 +96,9 @@ def _note(name: str, preset: FastPreset, args) -> Optional[str]:
     else:
         made_for = preset.made_for
     if args.model is None:
-        return (f"--fast {name}: the built-in model has no distilled LoRA, so few-step images will be of low "
+        if name == "lcm" and args.lora == [str(BUILTIN_LCM_LORA)]:
+            return "--fast lcm: with the built-in model's LCM-LoRA, distilled by sdjax"
+        return (f"--fast {name}: the built-in model has no distilled LoRA for it, so few-step images will be of low "
                 f"quality (the preset is made for {made_for})")
     if preset.sd15_lora is not None and not args.lora:
         return f"--fast {name} is made for {made_for}: give it with --lora"

@@ -20,7 +20,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,37 +102,51 @@ def encode_latents(sd, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def latents_and_context(sd, config: LoRATrainConfig, frozen, adapter, batch, drop_key, vae_key):
+    """The scaled latents of a batch (cached, or encoded from its uint8 ``pixels``) and the text context of its
+    captions (dropped to the empty caption at ``caption_dropout``), through the adapter's text-encoder part."""
+    base = frozen["params"]
+    if "latents" in batch:
+        latents = batch["latents"]
+    else:
+        count, height, width, _ = batch["pixels"].shape
+        factor = sd.vae_scale_factor
+        shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
+        latents = encode_images(sd.models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
+    ids = batch["ids"]
+    if config.caption_dropout > 0:
+        ids = train.caption_dropout(drop_key, ids, frozen["empty_ids"], config.caption_dropout)
+    with lora.unfused([(adapter.get("text_encoder", {}), 1.0)]):
+        context = sd.text_encoder.apply({"params": base["text_encoder"]}, ids, skip_layers=sd.config.clip_skip)
+    return jax.lax.stop_gradient(latents), context
+
+
 def make_loss_fn(sd, config: LoRATrainConfig):
     """``loss(trainable, frozen, batch, key)``: the diffusion loss of the base model with the adapter applied
     unfused. ``batch`` holds ``ids`` and either ``latents`` (cached) or ``pixels`` (uint8, encoded here)."""
-    models, factor = sd.models, sd.vae_scale_factor
     prediction_type = sd.config.scheduler.prediction_type
-    clip_skip = sd.config.clip_skip
 
     def loss_fn(trainable, frozen, batch, key):
         adapter = lora.join_alpha(trainable, frozen["alphas"])
-        base = frozen["params"]
         drop_key, vae_key, loss_key = jax.random.split(key, 3)
-        if "latents" in batch:
-            latents = batch["latents"]
-        else:
-            count, height, width, _ = batch["pixels"].shape
-            shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
-            latents = encode_images(models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
-        latents = jax.lax.stop_gradient(latents)
-        ids = batch["ids"]
-        if config.caption_dropout > 0:
-            ids = train.caption_dropout(drop_key, ids, frozen["empty_ids"], config.caption_dropout)
-        with lora.unfused([(adapter.get("text_encoder", {}), 1.0)]):
-            context = sd.text_encoder.apply({"params": base["text_encoder"]}, ids, skip_layers=clip_skip)
+        latents, context = latents_and_context(sd, config, frozen, adapter, batch, drop_key, vae_key)
 
         def predict(noisy, t):
-            return sd.unet.apply({"params": base["unet"]}, noisy.astype(sd.unet.dtype), t, context)
+            return sd.unet.apply({"params": frozen["params"]["unet"]}, noisy.astype(sd.unet.dtype), t, context)
 
         with lora.unfused([(adapter["unet"], 1.0)]):
             return train.diffusion_loss(predict, latents, loss_key, frozen["alphas_cumprod"], prediction_type)
 
     return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What ``train_lora`` minimises, when not the diffusion loss: ``loss_fn(trainable, frozen, batch, key)``
+    over the trainer's frozen tree, and the settings a checkpoint must agree with to be resumed."""
+
+    loss_fn: Callable
+    record: dict
 
 
 def check_inputs(sd, images: np.ndarray, captions: Sequence[str], config, devices) -> None:
@@ -160,9 +174,11 @@ def train_lora(
     *,
     progress: bool = True,
     devices=None,
+    objective: Optional[Objective] = None,
 ) -> dict:
     """Train an adapter for ``sd`` (a ``StableDiffusion``; its parameters stay frozen) on uint8 NHWC
-    ``images`` and their ``captions``; returns the adapter (numpy, ``sdjax.lora`` layout).
+    ``images`` and their ``captions``; returns the adapter (numpy, ``sdjax.lora`` layout). ``objective``:
+    another loss than the diffusion loss (``sdjax.lcm_distill``).
 
     With ``output_dir``: checkpoints every ``checkpoint_every`` steps and resumes from the last one, logs
     the loss, writes sample images, and saves the adapter in diffusers/PEFT and kohya formats at the end.
@@ -181,7 +197,7 @@ def train_lora(
         accumulate_steps=config.accumulate_steps,
     )
     step_fn = train.make_train_step(
-        make_loss_fn(sd, config), optimizer, ema_decay=None, parallel=config.parallel, devices=devices
+        objective.loss_fn if objective else make_loss_fn(sd, config), optimizer, ema_decay=None, parallel=config.parallel, devices=devices
     )
 
     ids = tokenize_captions(sd, captions)
@@ -197,11 +213,12 @@ def train_lora(
         "alphas_cumprod": jnp.asarray(training_alphas_cumprod(sd.config.scheduler, zero_snr=True, terminal_fix=False)),
     }
 
+    record = {**_config_record(config), **(objective.record if objective else {})}
     state = train.init_state(trainable, optimizer, ema=False)
     checkpoint = output / CHECKPOINT_FILE if output else None
     if checkpoint is not None and checkpoint.exists():
         state, extra = train.restore_checkpoint(checkpoint, state)
-        if extra.get("config") and extra["config"] != _config_record(config):
+        if extra.get("config") and extra["config"] != record:
             raise ValueError(
                 f"{checkpoint} was written by a run with other settings ({extra['config']}); "
                 "use another output folder or delete the checkpoint"
@@ -233,7 +250,7 @@ def train_lora(
         bar.update(1)
         last = step == config.steps
         if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
-            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": _config_record(config)})
+            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": record})
         if output and config.sample_every and config.sample_prompts and (step % config.sample_every == 0 or last):
             write_samples(sd, _trained(parallel.unreplicate(state.params), alphas), config, output / "samples", step)
     bar.close()
@@ -319,7 +336,14 @@ def run_from_args(args) -> int:
     images = data.load_images(paths, args.resolution or sd.native_size)
     print(f"{len(images)} images from {args.data}; training {config.steps} steps", flush=True)
     started = time.time()
-    adapter = train_lora(sd, images, captions, config, args.out, progress=not args.no_progress)
+    from sdjax import lcm_distill  # it builds on this module
+
+    distill = lcm_distill.distillation_from_args(args)
+    if distill is not None:
+        adapter = lcm_distill.distill_lcm_lora(sd, images, captions, config, distill, args.out,
+                                               progress=not args.no_progress)
+    else:
+        adapter = train_lora(sd, images, captions, config, args.out, progress=not args.no_progress)
     print(f"trained {lora.adapter_summary(adapter)} in {time.time() - started:.0f}s", flush=True)
     print(Path(args.out) / PEFT_FILE)
     print(Path(args.out) / KOHYA_FILE)

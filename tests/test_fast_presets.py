@@ -70,8 +70,13 @@ def test_image_commands_take_fast():
 
 
 def test_notes_name_what_the_preset_expects(tmp_path):
-    _, note = resolved("--fast", "lcm")
-    assert "built-in model has no distilled LoRA" in note and "lcm-lora-sdv1-5" in note
+    args, note = resolved("--fast", "lcm")  # the built-in model's own LCM-LoRA
+    assert note == "--fast lcm: with the built-in model's LCM-LoRA, distilled by sdjax"
+    assert args.lora == [str(fast.BUILTIN_LCM_LORA)] and fast.BUILTIN_LCM_LORA.is_file()
+    assert resolved("--fast", "lcm", "--lora", str(tmp_path / "mine.safetensors"))[0].lora == [
+        str(tmp_path / "mine.safetensors")]  # the user's LoRA replaces it
+    _, note = resolved("--fast", "tcd")
+    assert "built-in model has no distilled LoRA for it" in note and "h1t/TCD-SD15-LoRA" in note
     _, note = resolved("--fast", "tcd", "--model", "some/model")
     assert "h1t/TCD-SD15-LoRA" in note and "--lora" in note
     (tmp_path / "tcd.safetensors").touch()
@@ -101,6 +106,7 @@ def test_fast_lcm_runs_on_the_builtin_model(tmp_path):
     result = sdjax("generate", "a red circle", "--fast", "lcm", "--steps", "2", "--size", "64x64", "-n", "1",
                    "--no-progress", "--out", out, cache_dir=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "sdjax: note: --fast lcm: the built-in model has no distilled LoRA" in result.stderr
+    assert "sdjax: note: --fast lcm: with the built-in model's LCM-LoRA, distilled by sdjax" in result.stderr
     text = Image.open(out).text["parameters"]
     assert "Steps: 2, Sampler: LCM" in text and "CFG scale: 1" in text
+    assert "<lora:builtin_lcm_lora:1>" in text and "Lora hashes" in text
