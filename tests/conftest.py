@@ -37,6 +37,28 @@ def tiny_depth_dir(tmp_path_factory):
     return path
 
 
+# The tiny pipeline in sdjax and in diffusers, one of each per module (modules add adapters, embeddings and
+# schedulers to them); a module that needs another model defines its own ``sd``.
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_pipeline_dir):
+    import jax.numpy as jnp
+
+    from sdjax.pipeline import StableDiffusion
+
+    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _return_memory_after_each_module():
     """Each module's models (GBs for the full-size ones) are garbage once it ends; hand the freed heap back to the

@@ -26,20 +26,6 @@ NEGATIVE = ["blurry", ""]
 SEED, GUIDANCE = 11, 7.5
 
 
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
-
-
 class LDMModel:
     """What k-diffusion's CompVisDenoiser reads from an LDM model (A1111's ``sd_model``)."""
 

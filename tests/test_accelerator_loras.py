@@ -8,7 +8,6 @@ released files come in two layouts: what diffusers' ``save_lora_weights`` writes
 ``lora_unet_<diffusers module>.lora_down.weight`` with ``.alpha`` (lcm-lora-sdv1-5, Hyper-SD15-*-lora).
 """
 
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,15 +31,6 @@ RANK = 4
 # Every kind of layer the targets name, as sdjax module paths (the tiny U-Net has each at least once).
 KINDS = ("to_q", "to_out_0", "proj_in", "ff/net_0/proj", "conv1", "conv2", "conv_shortcut",
          "downsamplers_0/conv", "upsamplers_0/conv", "time_emb_proj")
-
-
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

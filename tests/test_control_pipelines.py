@@ -7,7 +7,6 @@ randomised (a fresh one's zero convolutions would add nothing and no test could 
 
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,11 +29,6 @@ STEPS = 6
 SEED = 3
 PROMPTS = ["a red circle on a blue background", "a green square"]
 NOISE = np.random.RandomState(7).randn(2, 8, 8, 4).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,10 @@ import torch
 from reference import decode_unit, nchw, rel_err
 from sdjax import deepcache
 from sdjax.deepcache import DeepCache
-from sdjax.pipeline import StableDiffusion
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 NOISE = np.random.RandomState(5).randn(2, 8, 8, 4).astype(np.float32)
 STEPS = 7
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run_package(pipe, interval, branch, guidance_scale):
@@ -51,8 +36,8 @@ def run_package(pipe, interval, branch, guidance_scale):
 
 
 @pytest.mark.parametrize("interval, branch, guidance", [(2, 0, 7.5), (3, 4, 1.0)])
-def test_matches_the_deepcache_package(sd, pipe, interval, branch, guidance):
-    expected, full_passes = run_package(pipe, interval, branch, guidance)
+def test_matches_the_deepcache_package(sd, torch_pipe, interval, branch, guidance):
+    expected, full_passes = run_package(torch_pipe, interval, branch, guidance)
     latents = sd.text_to_image(PROMPTS, steps=STEPS, scheduler="pndm", latents=NOISE, guidance_scale=guidance,
                                output="latent", deep_cache=DeepCache(interval, branch))
     err = rel_err(decode_unit(sd, latents), expected)
@@ -61,7 +46,7 @@ def test_matches_the_deepcache_package(sd, pipe, interval, branch, guidance):
     off = rel_err(decode_unit(sd, uncached), expected)
     print(f"interval {interval} branch {branch}: rel err {err:.2e}, without the cache {off:.2e}")
     assert err < 1e-3 < off  # the package's images really differ from uncached ones
-    timesteps = jnp.asarray(pipe.scheduler.timesteps.numpy(), jnp.float32)
+    timesteps = jnp.asarray(torch_pipe.scheduler.timesteps.numpy(), jnp.float32)
     full = [bool(deepcache.is_full(DeepCache(interval, branch), timesteps, 0, i)) for i in range(len(timesteps))]
     assert sum(full) == full_passes
 

@@ -4,23 +4,16 @@ values within a path never recompiles."""
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from reference import decode_unit, nchw, rel_err
 from sdjax.models.unet import UNet2DConditionModel
-from sdjax.pipeline import StableDiffusion
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 NOISE = np.random.RandomState(2).randn(2, 8, 8, 4).astype(np.float32)
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
 
 
 def traced_unet_batches(monkeypatch):

@@ -40,11 +40,6 @@ LATENT = (8, 8, 4)
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def sd_inpaint(tiny_inpaint_dir):
     return StableDiffusion.from_pretrained(tiny_inpaint_dir, dtype=jnp.float32)
 

@@ -32,15 +32,6 @@ KOHYA_ALPHA = 2.0 * RANK
 PROMPTS = ["a purple star on a green background", "a red circle"]
 
 
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def sd(tiny_pipeline_dir):
     return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)

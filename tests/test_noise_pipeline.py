@@ -2,14 +2,12 @@
 generator per image (and AUTOMATIC1111's ImageRNG: seed + i, each image's generator continued), so the
 same seeds give diffusers' latents; the errors for what a source cannot honour."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from reference import rel_err
 from sdjax import noise as sdjax_noise
-from sdjax.pipeline import StableDiffusion
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 STEPS = 6
@@ -20,20 +18,6 @@ DIFFUSERS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
 }
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("scheduler", list(DIFFUSERS))

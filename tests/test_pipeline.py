@@ -2,7 +2,6 @@
 
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,20 +17,6 @@ DIFFUSERS_CLASSES = {
 }
 PROMPTS = ["a red circle on a blue background", "a green square"]
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_pipeline_dir):
-    return StableDiffusion.from_pretrained(tiny_pipeline_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
-def torch_pipe(tiny_pipeline_dir):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("scheduler", list(DIFFUSERS_CLASSES))

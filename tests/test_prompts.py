@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from reference import rel_err
-from sdjax import generate, prompt, prompt_compel
+from sdjax import generate, prompt
 from sdjax.pipeline import StableDiffusion
 
 # --- the independent reference ---------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ GroupNorm groups cannot be read from shapes. Files without either warn when thos
 import dataclasses
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
