@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from reference import randomize_, rel_err, seeded
 from sdjax.config import CLIPTextConfig
-from sdjax.layouts import ldm
+from sdjax.layouts import sdxl_ldm
 from sdjax.models.clip import CLIPTextModel
 from sdjax.weights import param_shapes, read_component, text_encoder_params_from_state_dict, text_encoder_state_dict
 
@@ -190,7 +190,7 @@ def test_conditioner_layout_round_trips(towers, refiner):
     states, configs = towers
     if refiner:
         states, configs = {"text_encoder_2": states["text_encoder_2"]}, {"text_encoder_2": configs["text_encoder_2"]}
-    file = ldm.transformers_to_sdxl_text_encoders(states, configs)
+    file = sdxl_ldm.transformers_to_sdxl_text_encoders(states, configs)
     big_g = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
     width, layers = configs["text_encoder_2"].hidden_size, configs["text_encoder_2"].num_hidden_layers
     assert file[big_g + "text_projection"].shape == (width, 16)
@@ -208,7 +208,7 @@ def test_conditioner_layout_round_trips(towers, refiner):
     extras = {big_g + "logit_scale": np.ones((), np.float32)}
     if not refiner:
         extras["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
-    back = ldm.sdxl_text_encoders_to_transformers({**file, **extras, "model.diffusion_model.x": np.zeros(1)}, configs)
+    back = sdxl_ldm.sdxl_text_encoders_to_transformers({**file, **extras, "model.diffusion_model.x": np.zeros(1)}, configs)
     assert back.keys() == states.keys()
     for name in states:
         _assert_same(back[name], states[name])
@@ -224,7 +224,7 @@ def test_conditioner_layout_converts_back_in_diffusers(towers, refiner):
     if refiner:
         states, configs = {"text_encoder_2": states["text_encoder_2"]}, {"text_encoder_2": configs["text_encoder_2"]}
     file = {k: torch.from_numpy(np.array(v)) for k, v in
-            ldm.transformers_to_sdxl_text_encoders(states, configs).items()}
+            sdxl_ldm.transformers_to_sdxl_text_encoders(states, configs).items()}
     prefix = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
     # diffusers reads only the text model's config.hidden_size, and only when text_projection is absent.
     stub = SimpleNamespace(config=SimpleNamespace(hidden_size=configs["text_encoder_2"].hidden_size))
@@ -237,19 +237,19 @@ def test_conditioner_layout_converts_back_in_diffusers(towers, refiner):
 
 def test_conditioner_tensors_without_a_place_are_rejected(towers):
     states, configs = towers
-    file = ldm.transformers_to_sdxl_text_encoders(states, configs)
+    file = sdxl_ldm.transformers_to_sdxl_text_encoders(states, configs)
     with pytest.raises(ValueError, match=r"1 conditioner tensor.*embedders\.1\.model\.transformer\.resblocks\.9\."):
-        ldm.sdxl_text_encoders_to_transformers(
+        sdxl_ldm.sdxl_text_encoders_to_transformers(
             {**file, "conditioner.embedders.1.model.transformer.resblocks.9.ln_1.weight": np.ones(32)}, configs)
     # A bigG config without the projection head leaves text_projection without a place.
     no_head = {**configs, "text_encoder_2": CLIPTextConfig(**{**TINY_BIGG, "projection_dim": None})}
     with pytest.raises(ValueError, match=r"embedders\.1\.model\.text_projection"):
-        ldm.sdxl_text_encoders_to_transformers(file, no_head)
+        sdxl_ldm.sdxl_text_encoders_to_transformers(file, no_head)
     with pytest.raises(ValueError, match=r"text_encoder_2 text_projection\.weight"):
-        ldm.transformers_to_sdxl_text_encoders(states, no_head)
+        sdxl_ldm.transformers_to_sdxl_text_encoders(states, no_head)
     with pytest.raises(ValueError, match=r"text_encoder_2 text_projection\.weight \(missing\)"):
-        ldm.transformers_to_sdxl_text_encoders(
+        sdxl_ldm.transformers_to_sdxl_text_encoders(
             {**states, "text_encoder_2": {k: v for k, v in states["text_encoder_2"].items()
                                           if not k.startswith("text_projection")}}, configs)
     with pytest.raises(ValueError, match=r"base\) or \['text_encoder_2'\] \(refiner\); got \['text_encoder'\]"):
-        ldm.sdxl_text_encoders_to_transformers(file, {"text_encoder": configs["text_encoder"]})
+        sdxl_ldm.sdxl_text_encoders_to_transformers(file, {"text_encoder": configs["text_encoder"]})
