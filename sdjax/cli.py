@@ -15,7 +15,7 @@ import numpy as np
 
 from sdjax import infotext, inputs, outputs, samplers, single_file
 from sdjax.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, SchedulerConfig
-from sdjax import cli_control, cli_train, fast
+from sdjax import cli_control, cli_sample, cli_train, fast
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, StableDiffusion
 from sdjax.cli_control import open_image as _open_image
 from sdjax.infotext import LoraRecord
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "images (default: Canny edges)")
     _add_model_options(train_controlnet)
     cli_train.add_train_controlnet_options(train_controlnet)
+    cli_sample.add_sample_options(commands.add_parser("sample", help=cli_sample.HELP))
     info = commands.add_parser("info", help="JAX version, devices and a model's configuration")
     _add_model_options(info)
     return parser
@@ -528,6 +529,7 @@ COMMANDS = {
     "train-lora": cmd_train_lora,
     "train-embedding": cmd_train_embedding,
     "train-controlnet": cmd_train_controlnet,
+    "sample": cli_sample.run_sample,
     "info": cmd_info,
 }
 
