@@ -79,14 +79,17 @@ def _shown(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def start(folder: Path, plan: Plan, sampler: str) -> set[ImageId]:
-    """Drop temporary leftovers, rewrite the manifest from the images present; returns the finished images."""
+def start(folder: Path, plan: Plan, sampler: str) -> None:
+    """Drop temporary leftovers, rewrite the manifest from the images present (process 0, before any writes)."""
     for pattern in TEMPORARY_PATTERNS:
         for leftover in folder.glob(pattern):
             leftover.unlink()
-    done = {image.id for image in plan.images if (folder / image.id.file_name).is_file()}
-    rewrite_manifest(folder, plan, sampler, done)
-    return done
+    rewrite_manifest(folder, plan, sampler, finished(folder, plan))
+
+
+def finished(folder: Path, plan: Plan) -> set[ImageId]:
+    """The images whose file is in place (writes are atomic: an existing file is whole)."""
+    return {image.id for image in plan.images if (folder / image.id.file_name).is_file()}
 
 
 def rewrite_manifest(folder: Path, plan: Plan, sampler: str, done: set[ImageId]) -> None:
@@ -103,9 +106,12 @@ def manifest_row(image: PlannedImage, sampler: str) -> str:
     ), ensure_ascii=False)
 
 
-def save_image(folder: Path, image: PlannedImage, picture, infotext: str, sampler: str) -> None:
+def save_image(folder: Path, image: PlannedImage, picture, infotext: str, sampler: str, *,
+               append_row: bool = True) -> None:
     """The PNG (with its infotext) put in place atomically, then its manifest row appended."""
     write_png(picture, folder / image.id.file_name, infotext, replace=True)
+    if not append_row:
+        return
     with open(folder / MANIFEST_FILE, "a", encoding="utf-8") as f:
         f.write(manifest_row(image, sampler) + "\n")
         f.flush()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sdjax import batch, batch_output, inputs, samplers
+from sdjax import batch, batch_output, distributed, inputs, samplers
 from sdjax.config import SchedulerConfig
 from sdjax.noise import NOISE_SOURCES
 from sdjax.pipeline import BUILTIN_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER
@@ -53,6 +53,14 @@ def add_sample_options(parser: argparse.ArgumentParser) -> None:
                              "own seed; a row's own seed s gives its images s + i")
     parser.add_argument("--negative-prompt", default="", help="negative prompt of rows without one (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one process per host, the cluster detected by JAX (Cloud TPU, Slurm, Open MPI); "
+                             "each process samples its share of the batches on its own devices")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="several processes, explicitly: process 0's address (with --num-processes, "
+                             "--process-id)")
+    parser.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process, from 0")
 
 
 def _check_flags(args) -> tuple[str, dict]:
@@ -78,6 +86,7 @@ def run_sample(args) -> int:
     process's batches that still miss an image, writing each missing one, and rewrite the manifest in order."""
     from sdjax import cli
 
+    processes = _join(args)  # before anything touches JAX's devices
     sampler, sampler_options = _check_flags(args)
     rows = batch.read_prompts(args.prompts_file)
     folder = Path(args.out).expanduser()
@@ -100,17 +109,20 @@ def run_sample(args) -> int:
         plan = batch.make_plan(rows, defaults)
     except ValueError as e:  # a row's seeds past 2**32: name the file as read_prompts does
         raise ValueError(f"{args.prompts_file} {e}") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    batch_output.record_settings(folder, settings)
-    done = batch_output.start(folder, plan, sampler)
+    if processes.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        batch_output.record_settings(folder, settings)
+        batch_output.start(folder, plan, sampler)
+    _barrier(processes, "sdjax-sample-start")  # the others read the folder once process 0 has tidied it
+    done = batch_output.finished(folder, plan)
     model, model_hash = cli.model_record(args.model)
     # each image's own recipe: it regenerates alone from its seed (batch size 1), up to XLA's rounding
     recipe = partial(Recipe, scheduler=sampler, noise=args.noise, model=model, model_hash=model_hash,
                      scheduler_options=tuple(sorted(sampler_options.items())), clip_skip=sd.config.clip_skip + 1)
-    mine = batch.process_batches(plan, 0, 1)
+    mine = batch.process_batches(plan, processes.index, processes.count)
     todo = [b for b in mine if any(image.id not in done for image in b)]
     with tqdm(total=sum(image.id not in done for b in todo for image in b), unit="img", desc="sample",
-              disable=args.no_progress) as progress:
+              disable=args.no_progress or not processes.is_main) as progress:
         for images in todo:
             pictures = _generate(sd, images, args.batch_size, sampler, sampler_options, args.noise)
             for image, picture in zip(images, pictures):
@@ -119,12 +131,35 @@ def run_sample(args) -> int:
                 text = recipe(prompt=image.prompt, negative_prompt=image.negative_prompt, steps=image.steps,
                               guidance_scale=image.guidance, seed=image.seed, width=image.width,
                               height=image.height).infotext()
-                batch_output.save_image(folder, image, picture, text, sampler)
+                # one writer of the manifest: the others' rows come with the final rewrite, from their files
+                batch_output.save_image(folder, image, picture, text, sampler, append_row=processes.is_main)
                 done.add(image.id)
                 progress.update(1)
-    batch_output.rewrite_manifest(folder, plan, sampler, done)
-    print(f"{len(plan.images)} images in {folder}")
+    _barrier(processes, "sdjax-sample-end")
+    if processes.is_main:
+        batch_output.rewrite_manifest(folder, plan, sampler, batch_output.finished(folder, plan))
+        print(f"{len(plan.images)} images in {folder}")
     return 0
+
+
+def _join(args) -> distributed.Processes:
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(value is not None for value in explicit):
+        try:
+            return distributed.initialize(*explicit)
+        except ValueError as e:  # name the flags, not the function's arguments
+            message = str(e)
+            for name in ("coordinator", "num_processes", "process_id"):
+                message = message.replace(name, "--" + name.replace("_", "-"))
+            raise ValueError(message) from None
+    return distributed.current()
+
+
+def _barrier(processes: distributed.Processes, name: str) -> None:
+    if processes.count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _generate(sd, images, batch_size: int, sampler: str, sampler_options: dict, noise: str):

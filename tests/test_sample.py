@@ -1,6 +1,6 @@
 """``sdjax sample``: prompts files read into rows (bad rows named by line), the plan's seeds and fixed batches,
-the split over processes, and resuming: a run killed with SIGKILL and started again ends byte for byte as an
-uninterrupted run, on the built-in model at 64x64."""
+the split over processes, and resuming: a run of one or two processes killed with SIGKILL and started again
+ends byte for byte as an uninterrupted run, on the built-in model at 64x64."""
 
 import json
 import os
@@ -121,7 +121,7 @@ def _run_until(command, env, out, finished_images, log):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_killed_runs_of_one_or_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     prompts = _write(tmp_path / "prompts.txt", "".join(f"shape number {i}\n" for i in range(7)))
     env = {**os.environ, "SDJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
     whole, resumed, log = tmp_path / "whole", tmp_path / "resumed", tmp_path / "log.txt"
@@ -138,6 +138,41 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     (resumed / ".00006_1-x1y2.png.tmp").write_bytes(b"partial")
     _run_until(_command(prompts, resumed), env, resumed, None, log)
     assert _files(resumed) == expected  # same names, same bytes, same manifest; nothing left over
+
+    # Two processes on localhost split the batches, are killed together, resume: still the same files.
+    two = tmp_path / "two"
+    env.pop("XLA_FLAGS", None)
+    _run_processes(prompts, two, env, log, kill_after=3)
+    assert 3 <= len(_manifest(two)) < 14
+    _run_processes(prompts, two, env, log)
+    assert _files(two) == expected
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(prompts, out, env, log, kill_after=None):
+    """``sdjax sample`` as 2 processes on localhost; both SIGKILLed once process 0's manifest has ``kill_after``
+    rows (None: to the end)."""
+    coordinator = f"localhost:{_free_port()}"
+    with open(log, "ab") as output:
+        runs = [subprocess.Popen([*_command(prompts, out), "--coordinator", coordinator, "--num-processes", "2",
+                                  "--process-id", str(i)], env=env, stdout=output, stderr=output) for i in range(2)]
+        while kill_after is not None and all(run.poll() is None for run in runs):
+            manifest = out / MANIFEST_FILE
+            if manifest.exists() and manifest.read_text(encoding="utf-8").count("\n") >= kill_after:
+                for run in runs:
+                    run.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        codes = [run.wait(timeout=600) for run in runs]
+    expected = 0 if kill_after is None else -signal.SIGKILL
+    assert codes == [expected, expected], log.read_text()[-3000:]
 
 
 def test_images_equal_the_api_alone_and_a_resume_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
@@ -171,3 +206,14 @@ def test_images_equal_the_api_alone_and_a_resume_with_other_settings_is_refused(
     _write(prompts, '{"prompt": "a red circle"}\n')
     assert cli.main(arguments) == 2
     assert "holds a run of another prompts file" in capsys.readouterr().err
+
+
+def test_incomplete_process_flags_are_one_line_errors(tmp_path, capsys):
+    prompts = _write(tmp_path / "prompts.txt", "a red circle\n")
+    code = cli.main(["sample", str(prompts), "--out", str(tmp_path / "out"), "--coordinator", "localhost:1234",
+                     "--num-processes", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "sdjax sample: error: give --coordinator, --num-processes and --process-id together (or none, to detect "
+        "the cluster); missing: --process-id")
+    assert not (tmp_path / "out").exists()
