@@ -7,6 +7,8 @@ from sdjax.config import (
     SD15_INPAINT,
     SD21_BASE,
     SD21_V,
+    SDXL_BASE,
+    SDXL_REFINER,
     CLIPTextConfig,
     ModelConfig,
     SchedulerConfig,
@@ -19,4 +21,4 @@ from sdjax.pipeline import StableDiffusion
 from sdjax.control import Control
 from sdjax.controlnet import ControlNet, load_controlnet
 from sdjax.t2i_adapter import T2IAdapter, load_t2i_adapter
-from sdjax import parts, preprocess, prompt, recipe  # noqa: E402  (low-level parts; control preprocessors; prompt syntax; infotext recipes)
+from sdjax import distributed, parts, preprocess, prompt, recipe  # noqa: E402  (processes; low-level parts; control preprocessors; prompt syntax; infotext recipes)

@@ -374,6 +374,9 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    # diffusers' SDXL pipelines decode in fp32 when the model runs in fp16 and this is set (the SDXL 1.0 VAE
+    # overflows in fp16); diffusers' AutoencoderKL default is True.
+    force_upcast: bool = True
 
     @classmethod
     def from_diffusers_config(cls, config: Union[str, Path, dict]) -> "VAEConfig":
@@ -456,14 +459,34 @@ _PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one", "clip_sample", "ski
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines one Stable Diffusion model, component by component."""
+    """Everything that defines one Stable Diffusion model, component by component.
 
-    text_encoder: CLIPTextConfig
+    SDXL models have a second, projected text encoder (``text_encoder_2``, OpenCLIP ViT-bigG); the SDXL
+    refiner has only that one (``text_encoder`` None). The last two fields are SDXL pipeline settings from
+    ``model_index.json``: whether a missing negative prompt means zero conditioning (diffusers'
+    ``force_zeros_for_empty_prompt``, base model) and whether the U-Net's time ids end with an aesthetic score
+    instead of the target size (``requires_aesthetics_score``, refiner).
+    """
+
+    text_encoder: Optional[CLIPTextConfig]
     unet: UNetConfig
     vae: VAEConfig
     scheduler: SchedulerConfig
     # Hidden layers to skip at the end of the text encoder (A1111's "clip skip" minus one).
     clip_skip: int = 0
+    text_encoder_2: Optional[CLIPTextConfig] = None
+    force_zeros_for_empty_prompt: bool = True
+    requires_aesthetics_score: bool = False
+
+    def __post_init__(self) -> None:
+        if self.text_encoder is None and self.text_encoder_2 is None:
+            raise ValueError("a model config needs a text encoder: text_encoder and text_encoder_2 are both None")
+        if self.text_encoder_2 is not None and not self.text_encoder_2.has_projection:
+            raise ValueError("an SDXL text_encoder_2 is a CLIPTextModelWithProjection: its config needs projection_dim")
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -543,6 +566,21 @@ SD2_DEPTH = ModelConfig(
     _SD2_TEXT, dataclasses.replace(_SD2_UNET, in_channels=5), VAEConfig(sample_size=768), _SD1_SCHEDULER
 )
 
+# stabilityai/stable-diffusion-xl-{base,refiner}-1.0: CLIP ViT-L (penultimate layer, un-normed) beside OpenCLIP
+# ViT-bigG with its projection, the SDXL VAE (scale 0.13025) and the Euler scheduler config they ship.
+_SDXL_TEXT = CLIPTextConfig()
+_SDXL_TEXT_2 = CLIPTextConfig(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+    projection_dim=1280,
+)
+_SDXL_VAE = VAEConfig(sample_size=1024, scaling_factor=0.13025)
+_SDXL_SCHEDULER = SchedulerConfig(timestep_spacing="leading", steps_offset=1)
+SDXL_BASE = ModelConfig(_SDXL_TEXT, SDXL_BASE_UNET, _SDXL_VAE, _SDXL_SCHEDULER, text_encoder_2=_SDXL_TEXT_2)
+SDXL_REFINER = ModelConfig(None, SDXL_REFINER_UNET, _SDXL_VAE, _SDXL_SCHEDULER, text_encoder_2=_SDXL_TEXT_2,
+                           force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)
+
+# Single-file presets (``from_single_file(config=...)``); SDXL single files are not supported yet, so the SDXL
+# presets are not among them.
 PRESETS = {
     "sd15": SD15,
     "sd15-inpaint": SD15_INPAINT,

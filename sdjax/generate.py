@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, deepcache, lora, parallel, samplers
+from sdjax import control, deepcache, lora, parallel, samplers, sdxl
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -46,14 +46,16 @@ class KeyStream(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The three Flax modules of one model, built for one dtype (hashable: part of the static argument)."""
+    """The Flax modules of one model, built for one dtype (hashable: part of the static argument); SDXL models
+    add ``text_encoder_2`` (the refiner has only that one: ``text_encoder`` None)."""
 
-    text_encoder: CLIPTextModel
+    text_encoder: Optional[CLIPTextModel]
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     clip_skip: int
     scaling_factor: float
     shift_factor: float
+    text_encoder_2: Optional[CLIPTextModel] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,9 @@ class Request:
     which compel's weighting measures from; ``cond_variants`` / ``uncond_variants`` compel's extra encodings
     (``sdjax.prompt.Variants``) when a prompt needs them. ``mode`` and ``weighting`` ("a1111" | "compel",
     ``apply_prompt_weights``) are static. ``controls``: one ``sdjax.control.ControlInput`` per control of the
-    program (``Program.controls``), in the same order.
+    program (``Program.controls``), in the same order. ``sdxl``: an SDXL model's second tokenizer's ids, time
+    ids and negative zeroing (``sdjax.sdxl.SDXLConditions``). ``guidance_rescale`` (B,) fp32: diffusers'
+    ``guidance_rescale`` (None: 0, skipped).
     """
 
     mode: Mode
@@ -106,6 +110,8 @@ class Request:
     cond_variants: Optional[Variants] = None
     uncond_variants: Optional[Variants] = None
     controls: Optional[tuple] = None
+    sdxl: Optional[sdxl.SDXLConditions] = None
+    guidance_rescale: Optional[jax.Array] = None
     weighting: str = "a1111"
 
     @property
@@ -123,7 +129,8 @@ jax.tree_util.register_dataclass(
 jax.tree_util.register_dataclass(
     Request,
     data_fields=["cond_ids", "uncond_ids", "keys", "guidance", "noise", "step_noise", "image", "lora_scales",
-                 "cond_weights", "uncond_weights", "empty_ids", "cond_variants", "uncond_variants", "controls"],
+                 "cond_weights", "uncond_weights", "empty_ids", "cond_variants", "uncond_variants", "controls",
+                 "sdxl", "guidance_rescale"],
     meta_fields=["mode", "weighting"],
 )
 
@@ -155,7 +162,7 @@ class Denoising:
     """A generation between its stages (``begin``, ``advance``, ``finish``): the sampler's carry, the
     encoded prompts (leading axis: images; no unconditional ones on the guidance-free path), the U-Net's extra input channels of the image modes,
     for inpainting with an ordinary U-Net the known region, and the T2I-Adapters' features (one entry per
-    control, None for ControlNets)."""
+    control, None for ControlNets); for SDXL the U-Net's text-time inputs, batched as the U-Net's context."""
 
     sampler: SamplerCarry
     uncond_context: Optional[jax.Array]
@@ -163,12 +170,13 @@ class Denoising:
     extra_channels: Optional[jax.Array] = None
     known: Optional[KnownRegion] = None
     control_features: Optional[tuple] = None
+    added: Optional[sdxl.AddedInputs] = None
 
 
 jax.tree_util.register_dataclass(KnownRegion, data_fields=["image_latents", "noise", "mask"], meta_fields=[])
 jax.tree_util.register_dataclass(
     Denoising,
-    data_fields=["sampler", "uncond_context", "cond_context", "extra_channels", "known", "control_features"],
+    data_fields=["sampler", "uncond_context", "cond_context", "extra_channels", "known", "control_features", "added"],
     meta_fields=[],
 )
 
@@ -363,7 +371,12 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
     """Encode the prompts, draw or take the initial noise and build the image conditioning."""
     params = merge_loaded_lora(params, request.lora_scales)
     models, count = program.models, request.size
-    context = encode_request_prompts(models, params, request, program.guided)
+    added = None
+    if request.sdxl is not None:
+        context, added = sdxl.encode_conditions(models, params, request.cond_ids, request.uncond_ids, request.sdxl,
+                                                program.guided)
+    else:
+        context = encode_request_prompts(models, params, request, program.guided)
     uncond_context, cond_context = (context[:count], context[count:]) if program.guided else (None, context)
     if request.noise is not None:
         noise = request.noise.astype(jnp.float32)
@@ -384,7 +397,7 @@ def begin(params, request: Request, schedule: Schedule, program: Program) -> Den
                                       models.unet.dtype)
         cache = deepcache.initial_cache(models.unet, params["unet"], program.deep_cache, sample, context)
     return Denoising(start_sampling(x, schedule, start_step, cache), uncond_context, cond_context, extra_channels,
-                     known, features)
+                     known, features, added)
 
 
 def encode_request_prompts(models: Models, params, request: Request, guided: bool) -> jax.Array:
@@ -409,6 +422,8 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
 
     def unet_fn(latents, t, ctx, i, model_state=None):
         residuals = {}
+        if carry.added is not None:  # SDXL: batched as ctx ([uncond; cond] when guided)
+            residuals.update(text_embeds=carry.added.text_embeds, time_ids=carry.added.time_ids)
         if embeds_guidance:  # guidance-distilled (LCM) U-Nets take w = scale - 1 embedded, instead of guidance
             cond = samplers.guidance_embedding(request.guidance - 1.0, models.unet.config.time_cond_proj_dim)
             residuals["timestep_cond"] = jnp.concatenate([cond] * (latents.shape[0] // cond.shape[0]))
@@ -433,7 +448,8 @@ def advance(params, request: Request, schedule: Schedule, program: Program, carr
         return out.astype(jnp.float32), cache
 
     if program.guided:
-        model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance)
+        rescale = 0.0 if request.guidance_rescale is None else request.guidance_rescale
+        model_fn = classifier_free_guidance(unet_fn, carry.cond_context, carry.uncond_context, request.guidance, rescale)
     else:
         model_fn = partial(_unguided, unet_fn, carry.cond_context)
     sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, KeyStream.SAMPLER))(request.keys)

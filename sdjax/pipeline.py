@@ -19,7 +19,7 @@ import numpy as np
 
 from sdjax import conditions, control, deepcache
 from sdjax import images as image_inputs
-from sdjax import inputs, lora, memory, parallel, samplers, single_file, weights
+from sdjax import inputs, lora, memory, parallel, samplers, sdxl, single_file, weights
 from sdjax.config import ModelConfig
 from sdjax.control import Control
 from sdjax.depth import DepthEstimator
@@ -88,18 +88,25 @@ class StableDiffusion:
         params: dict,
         tokenizer,
         *,
+        tokenizer_2=None,
         dtype=None,
         attention_implementation: Optional[str] = None,
         devices: Optional[Sequence] = None,
     ):
         self.config = config
         self.params = params
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # None for the SDXL refiner, which has only the second text encoder
+        self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer
         self.dtype = jnp.dtype(dtype or default_dtype())
         kwargs = dict(dtype=self.dtype, param_dtype=self.dtype, attention_implementation=attention_implementation)
-        self.text_encoder = CLIPTextModel(config=config.text_encoder, **kwargs)
+        text = config.text_encoder
+        self.text_encoder = None if text is None else CLIPTextModel(config=text, **kwargs)
+        self.text_encoder_2 = None if config.text_encoder_2 is None else CLIPTextModel(config=config.text_encoder_2,
+                                                                                       **kwargs)
         self.unet = UNet2DConditionModel(config=config.unet, **kwargs)
-        self.vae = AutoencoderKL(config=config.vae, **kwargs)
+        # SDXL pipelines decode (and encode) in fp32 where the VAE overflows in fp16, as diffusers' do.
+        upcast = config.is_sdxl and config.vae.force_upcast and self.dtype == jnp.float16
+        self.vae = AutoencoderKL(config=config.vae, **{**kwargs, "dtype": jnp.float32 if upcast else self.dtype})
         self.executor = parallel.Executor(devices)
         self.depth_estimator: Optional[DepthEstimator] = None  # used by depth_to_image without a depth map
         self._lora_scales: dict[str, float] = {}
@@ -121,16 +128,17 @@ class StableDiffusion:
         attention_implementation: Optional[str] = None,
         devices: Optional[Sequence] = None,
     ) -> "StableDiffusion":
-        """A diffusers-layout folder (``text_encoder/ tokenizer/ unet/ vae/ scheduler/``) or a hub repo id.
+        """A diffusers-layout folder (``text_encoder/ tokenizer/ unet/ vae/ scheduler/``; SDXL adds
+        ``text_encoder_2/ tokenizer_2/``, named in its model_index.json) or a hub repo id.
 
         ``devices``: the devices to generate on (default: all local devices)."""
         folder = weights.resolve_model_dir(path_or_repo_id, revision=revision, token=token, variant=variant)
         dtype = jnp.dtype(dtype or default_dtype())
         config, params = weights.load_pretrained(folder, dtype=dtype, variant=variant)
-        tokenizer = load_tokenizer(folder / "tokenizer")
-        model = cls(
-            config, params, tokenizer, dtype=dtype, attention_implementation=attention_implementation, devices=devices
-        )
+        tokenizer = None if config.text_encoder is None else load_tokenizer(folder / "tokenizer")
+        tokenizer_2 = load_tokenizer(folder / "tokenizer_2") if config.is_sdxl else None
+        model = cls(config, params, tokenizer, tokenizer_2=tokenizer_2, dtype=dtype,
+                    attention_implementation=attention_implementation, devices=devices)
         model.depth_estimator = DepthEstimator.from_model_folder(folder)  # SD 2 depth repos ship DPT
         return model
 
@@ -193,7 +201,7 @@ class StableDiffusion:
 
     def save_pretrained(self, path) -> None:
         """Write the diffusers layout, loadable by diffusers' PyTorch ``from_pretrained``."""
-        weights.save_pretrained(Path(path), self.config, self.params, self.tokenizer)
+        weights.save_pretrained(Path(path), self.config, self.params, self.tokenizer, self.tokenizer_2)
 
     # --- LoRA ----------------------------------------------------------------------------------------------
 
@@ -204,11 +212,13 @@ class StableDiffusion:
         their scale as a traced value: ``set_lora_scale`` never recompiles. Returns the adapter's name
         (default: the file name without extension). Unknown tensors warn, or raise with ``strict``.
         """
+        sdxl.refuse(self.config, "LoRA")
         adapter = lora.load_lora_file(path, self.config, strict=strict)
         return self.add_lora(adapter, scale, name or Path(lora.resolve_lora_file(path)).stem)
 
     def add_lora(self, adapter: dict, scale: float = 1.0, name: str = "default") -> str:
         """Add an in-memory adapter (``sdjax.lora`` layout) under ``name``, replacing one of that name."""
+        sdxl.refuse(self.config, "LoRA")
         inputs.check_number(f"LoRA scale of {name!r}", scale, *inputs.LORA_SCALE_RANGE)  # before anything changes
         placed = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter)
         self.params = {**self.params, "lora": {**self.params.get("lora", {}), name: placed}}
@@ -279,6 +289,7 @@ class StableDiffusion:
 
     def add_embedding(self, vectors, token: str) -> str:
         """``load_embedding`` for vectors in memory: (n, width) or (width,) numbers under ``token``."""
+        sdxl.refuse(self.config, "textual inversion")
         width = self.config.text_encoder.hidden_size
         vectors = np.asarray(vectors, np.float32)
         vectors = vectors[None] if vectors.ndim == 1 else vectors
@@ -341,7 +352,7 @@ class StableDiffusion:
         """``models`` with AUTOMATIC1111's "Clip skip" ``clip_skip`` (1 = the last layer, 2 = the
         penultimate, ...; None = the model's own). A layer count is a compile-time value: each clip skip
         is its own program."""
-        if clip_skip is None:
+        if clip_skip is None or self.config.text_encoder is None:
             skip = self.config.clip_skip
         else:
             layers = self.config.text_encoder.num_hidden_layers
@@ -353,6 +364,7 @@ class StableDiffusion:
             skip,
             float(self.config.vae.scaling_factor),
             float(self.config.vae.shift_factor or 0.0),
+            self.text_encoder_2,
         )
 
     @property
@@ -405,6 +417,14 @@ class StableDiffusion:
         first control image's size, rounded down to a multiple of 8, as diffusers' ControlNet pipeline does.
         ``deep_cache``: ``sdjax.deepcache.DeepCache(interval, branch)`` or ``(interval, branch)``: the full U-Net
         every ``interval`` steps, only its shallow branch in between (DeepCache); None (default): off.
+        ``guidance_rescale`` (0.0; one or one per image, in [0, 1]): diffusers' rescale of the guided prediction
+        towards the conditional one's standard deviation (arXiv:2305.08891 §3.4).
+        SDXL models (``sdjax.sdxl``) also take diffusers' micro-conditioning, (height, width) / (top, left) pairs:
+        ``original_size`` and ``target_size`` (default: the output size), ``crops_coords_top_left`` ((0, 0)), and
+        ``negative_original_size`` + ``negative_target_size`` (both or neither; then also
+        ``negative_crops_coords_top_left``) for the negative pass; all traced. Without a negative prompt an SDXL
+        base model's negative conditioning is zeros (``force_zeros_for_empty_prompt``). Not yet on SDXL: prompt
+        weighting, prompts past 75 tokens, clip_skip, embeddings, LoRA, controls, DeepCache, image modes.
         ``parallel_mode``: "mesh" (default) or "pmap".
         """
         return self.run(self.prepare(Mode.TEXT_TO_IMAGE, prompt, negative_prompt, **options), parallel_mode)
@@ -517,6 +537,13 @@ class StableDiffusion:
         clip_skip: Optional[int] = None,
         controls: Optional[Sequence[Control]] = None,
         deep_cache=None,
+        guidance_rescale: Union[float, Sequence[float]] = 0.0,
+        original_size: Optional[tuple] = None,
+        crops_coords_top_left: Optional[tuple] = None,
+        target_size: Optional[tuple] = None,
+        negative_original_size: Optional[tuple] = None,
+        negative_crops_coords_top_left: Optional[tuple] = None,
+        negative_target_size: Optional[tuple] = None,
     ) -> Job:
         """Validate and convert one request of ``mode`` (a ``sdjax.generate.Mode`` or its value) into the
         ``Job`` that ``run`` executes; every argument as in the mode's method (``text_to_image``, ...)."""
@@ -530,6 +557,10 @@ class StableDiffusion:
                            lora_scales=self._lora_scales)
         inputs.check_output(output)
         check_syntax(prompt_syntax)
+        micro = sdxl.MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                       negative_crops_coords_top_left, negative_target_size)
+        sdxl.check_request(self.config, mode=mode.value, clip_skip=clip_skip, controls=controls, deep_cache=deep_cache,
+                           prompt_syntax=prompt_syntax, micro=micro)
         models = self.models_for(clip_skip)
         scheduler, options = samplers.resolve_sampler(scheduler, schedule_type, scheduler_options)
         schedule = samplers.make_schedule(scheduler, self.config.scheduler, steps, **options)
@@ -547,7 +578,13 @@ class StableDiffusion:
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         count = len(prompts)
         self._check_memory(*size, count)
-        cond, uncond = self.tokenize_prompts(prompts, negatives, prompt_syntax)
+        sdxl_inputs = None
+        if self.config.is_sdxl:
+            cond, uncond, sdxl_inputs = sdxl.prompt_inputs(
+                self.config, self.tokenizer, self.tokenizer_2, prompts, negatives, syntax=prompt_syntax,
+                zero_negative=negative_prompt is None, size=size, micro=micro)
+        else:
+            cond, uncond = self.tokenize_prompts(prompts, negatives, prompt_syntax)
         compel = prompt_syntax == "compel"
         request = Request(
             mode=mode,
@@ -564,6 +601,9 @@ class StableDiffusion:
             guidance=inputs.per_image("guidance_scale", 1.0 if guidance_scale is None else guidance_scale, count),
             noise=None if latents is None else inputs.check_latents(latents, count, latent_shape),
             lora_scales=self._lora_scales_per_image(count),
+            sdxl=sdxl_inputs,
+            guidance_rescale=None if np.all(np.asarray(guidance_rescale) == 0) else inputs.per_image(
+                "guidance_rescale", inputs.check_numbers("guidance_rescale", guidance_rescale, 0.0, 1.0), count),
         )
         if check_noise_source(noise) != "jax":
             request = self._torch_noise(request, noise, seed, schedule, latent_shape, latents)

@@ -50,6 +50,9 @@ from sdjax.models.vae import AutoencoderKL
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 # The subfolders of a diffusers-layout Stable Diffusion folder.
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# The text encoders a folder may hold, each with its tokenizer: SD 1.x/2.x the first, SDXL base both, the SDXL
+# refiner only the second (OpenCLIP bigG with its projection).
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
 # --- files and folders ------------------------------------------------------------------------------------
@@ -171,8 +174,12 @@ def _hub_offline() -> bool:
 def _incomplete(folder: Path, variant: Optional[str]) -> list[str]:
     """What a diffusers-layout folder lacks to load (empty when complete)."""
     missing = [name for name in ("model_index.json", "scheduler/scheduler_config.json") if not (folder / name).is_file()]
-    missing += [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir()]
-    for component in ("text_encoder", "unet", "vae"):
+    try:
+        encoders = text_encoder_names(folder)
+    except ValueError:
+        encoders = ("text_encoder",)
+    missing += [f"{c}/" for c in pipeline_subfolders(encoders) if not (folder / c).is_dir()]
+    for component in (*encoders, "unet", "vae"):
         try:
             find_weights(folder / component, variant)
         except FileNotFoundError:
@@ -238,7 +245,7 @@ def hub_snapshot(
 def _model_patterns(variant: Optional[str], files: list[str]) -> tuple[list[str], list[str]]:
     weight_ext = "safetensors" if any(f.endswith(".safetensors") for f in files) else "bin"
     allow = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt"]
-    for component in ("text_encoder", "unet", "vae"):
+    for component in (*TEXT_ENCODERS, "unet", "vae"):
         allow.append(f"{component}/*.{variant}*.{weight_ext}" if variant else f"{component}/*.{weight_ext}")
     return allow, [] if variant else ["*.fp16.*", "*.ema.*", "*.non_ema.*"]
 
@@ -278,19 +285,64 @@ def component_snapshot(repo_id: str, *, what: str, revision: Optional[str] = Non
     return folder
 
 
+def _model_index(folder: Path) -> dict:
+    file = folder / "model_index.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def text_encoder_names(folder: Path) -> tuple[str, ...]:
+    """The text encoders of a diffusers-layout folder (``TEXT_ENCODERS`` keys), as its model_index.json names
+    them (an entry ``[null, null]`` is an absent component); without a model_index.json, the subfolders present
+    (``text_encoder`` at least). An SDXL pipeline class without ``text_encoder_2`` is a ``ValueError``."""
+    index = _model_index(folder)
+    names = []
+    for name in TEXT_ENCODERS:
+        entry = index.get(name)
+        declared = isinstance(entry, (list, tuple)) and bool(entry) and entry[0] is not None
+        if declared or (entry is None and ((folder / name).is_dir() or name == "text_encoder")):
+            names.append(name)
+    pipeline_class = str(index.get("_class_name", ""))
+    if pipeline_class.startswith("StableDiffusionXL") and "text_encoder_2" not in names:
+        raise ValueError(f"{folder}/model_index.json describes a {pipeline_class} without text_encoder_2; an SDXL "
+                         "folder needs text_encoder_2/ (CLIPTextModelWithProjection) and tokenizer_2/")
+    if not names:
+        raise ValueError(f"{folder}/model_index.json names no text encoder (text_encoder or text_encoder_2)")
+    return tuple(names)
+
+
+def pipeline_subfolders(encoders: tuple[str, ...]) -> tuple[str, ...]:
+    """The subfolders a diffusers-layout folder with text encoders ``encoders`` must have."""
+    return (*(n for e in encoders for n in (e, TEXT_ENCODERS[e])), "unet", "vae", "scheduler")
+
+
 def read_model_config(folder: Path) -> ModelConfig:
-    """The ``ModelConfig`` of a diffusers-layout folder, from its config.json files."""
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    """The ``ModelConfig`` of a diffusers-layout folder, from its config.json files and model_index.json (an
+    SDXL folder: ``text_encoder_2/`` named there)."""
+    encoders = text_encoder_names(folder)
+    expected = pipeline_subfolders(encoders)
+    missing = [c for c in expected if not (folder / c).is_dir()]
     if missing:
+        kind = "an SDXL" if "text_encoder_2" in encoders else "a"
         raise FileNotFoundError(
-            f"{folder} is not a diffusers-layout Stable Diffusion folder: missing subfolder(s) "
-            f"{', '.join(m + '/' for m in missing)}; expected {', '.join(c + '/' for c in COMPONENTS)}"
+            f"{folder} is not {kind} diffusers-layout Stable Diffusion folder: missing subfolder(s) "
+            f"{', '.join(m + '/' for m in missing)}; expected {', '.join(c + '/' for c in expected)}"
         )
+    index = _model_index(folder)
+    text = {name: CLIPTextConfig.from_diffusers_config(folder / name / "config.json") for name in encoders}
+    sdxl = {}
+    if "text_encoder_2" in encoders:
+        sdxl = dict(force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+                    requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+        if not text["text_encoder_2"].has_projection:
+            raise ValueError(f"{folder / 'text_encoder_2' / 'config.json'} is not a CLIPTextModelWithProjection; "
+                             "SDXL's second text encoder needs its projection (pooled text embeds)")
     return ModelConfig(
-        text_encoder=CLIPTextConfig.from_diffusers_config(folder / "text_encoder" / "config.json"),
+        text_encoder=text.get("text_encoder"),
         unet=UNetConfig.from_diffusers_config(folder / "unet" / "config.json"),
         vae=VAEConfig.from_diffusers_config(folder / "vae" / "config.json"),
         scheduler=SchedulerConfig.from_diffusers_config(folder / "scheduler" / "scheduler_config.json"),
+        text_encoder_2=text.get("text_encoder_2"),
+        **sdxl,
     )
 
 
@@ -367,52 +419,79 @@ def params_from_state_dicts(config: ModelConfig, states: Mapping, dtype, *, sour
     kwargs = dict(dtype=dtype, param_dtype=dtype)
     unet = param_shapes(UNet2DConditionModel(config=config.unet, **kwargs))
     vae = param_shapes(AutoencoderKL(config=config.vae, **kwargs))
-    params = {
-        "text_encoder": text_encoder_params_from_state_dict(states["text_encoder"], config.text_encoder, dtype=dtype),
-        "unet": torch_to_flax(states["unet"], unet, what=f"{source} unet", dtype=dtype),
-        "vae": torch_to_flax(states["vae"], vae, what=f"{source} vae", dtype=dtype),
-    }
+    text = {name: getattr(config, name) for name in TEXT_ENCODERS if getattr(config, name) is not None}
+    params = {name: text_encoder_params_from_state_dict(states[name], text_config, dtype=dtype)
+              for name, text_config in text.items()}
+    params["unet"] = torch_to_flax(states["unet"], unet, what=f"{source} unet", dtype=dtype)
+    params["vae"] = torch_to_flax(states["vae"], vae, what=f"{source} vae", dtype=dtype)
     return jax.tree.map(jnp.asarray, params)
 
 
 def load_pretrained(folder: Path, *, dtype, variant: Optional[str] = None) -> tuple[ModelConfig, dict]:
     """A diffusers-layout folder -> (ModelConfig, params)."""
     config = read_model_config(folder)
-    states = {name: read_component(folder / name, variant) for name in ("text_encoder", "unet", "vae")}
+    names = (*(n for n in TEXT_ENCODERS if getattr(config, n) is not None), "unet", "vae")
+    states = {name: read_component(folder / name, variant) for name in names}
     return config, params_from_state_dicts(config, states, dtype, source=str(folder))
 
 
 def state_dicts_from_params(params: Mapping) -> dict:
     """The sdjax parameter tree -> per-component PyTorch-layout state dicts (numpy)."""
     params = jax.device_get(params)
-    return {
-        "text_encoder": text_encoder_state_dict(params["text_encoder"]),
-        "unet": flax_to_torch(params["unet"]),
-        "vae": flax_to_torch(params["vae"]),
-    }
+    states = {name: text_encoder_state_dict(params[name]) for name in TEXT_ENCODERS if name in params}
+    return {**states, "unet": flax_to_torch(params["unet"]), "vae": flax_to_torch(params["vae"])}
 
 
-def save_pretrained(folder: Path, config, params: dict, tokenizer) -> None:
-    """Write the diffusers layout that diffusers' PyTorch ``StableDiffusionPipeline.from_pretrained`` loads."""
-    folder = Path(folder)
-    states = state_dicts_from_params(params)
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
+def _model_index_for(config: ModelConfig) -> dict:
+    """model_index.json of diffusers' StableDiffusionPipeline, or for SDXL its StableDiffusionXLPipeline (the
+    refiner, without the first text encoder: StableDiffusionXLImg2ImgPipeline)."""
+    absent = [None, None]
+    common = {
         "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "feature_extractor": absent,
+        "scheduler": ["diffusers", config.scheduler.to_diffusers_config()["_class_name"]],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if not config.is_sdxl:
+        return {"_class_name": "StableDiffusionPipeline", **common, "requires_safety_checker": False,
+                "safety_checker": absent, "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"]}
+    has_first = config.text_encoder is not None
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if has_first else "StableDiffusionXLImg2ImgPipeline",
+        **common,
+        "force_zeros_for_empty_prompt": config.force_zeros_for_empty_prompt,
+        "image_encoder": absent,
+        "text_encoder": ["transformers", "CLIPTextModel"] if has_first else absent,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if has_first else absent,
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }
+    if not has_first:  # only diffusers' SDXL image-to-image pipelines take this setting
+        index["requires_aesthetics_score"] = config.requires_aesthetics_score
+    return index
+
+
+def save_pretrained(folder: Path, config, params: dict, tokenizer, tokenizer_2=None) -> None:
+    """Write the diffusers layout that diffusers' PyTorch ``StableDiffusionPipeline.from_pretrained`` (SDXL:
+    ``StableDiffusionXLPipeline``) loads. ``tokenizer``: the first text encoder's (None for the SDXL refiner),
+    ``tokenizer_2``: SDXL's second."""
+    folder = Path(folder)
+    states = state_dicts_from_params(params)
+    model_index = _model_index_for(config)
+    tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
     files = {
-        "text_encoder": ("model.safetensors", "config.json", config.text_encoder.to_diffusers_config()),
+        name: ("model.safetensors", "config.json", getattr(config, name).to_diffusers_config())
+        for name in TEXT_ENCODERS if getattr(config, name) is not None
+    }
+    files.update({
         "unet": ("diffusion_pytorch_model.safetensors", "config.json", config.unet.to_diffusers_config()),
         "vae": ("diffusion_pytorch_model.safetensors", "config.json", config.vae.to_diffusers_config()),
-    }
+    })
+    for name in files:
+        if name in TEXT_ENCODERS and tokenizers[TEXT_ENCODERS[name]] is None:
+            raise ValueError(f"save_pretrained: the model has a {name} but no {TEXT_ENCODERS[name]} was given")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
     for name, (weights_file, config_file, config_json) in files.items():
@@ -423,4 +502,6 @@ def save_pretrained(folder: Path, config, params: dict, tokenizer) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(config.scheduler.to_diffusers_config(), indent=2)
     )
-    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    for encoder, tokenizer_name in TEXT_ENCODERS.items():
+        if encoder in files:
+            tokenizers[tokenizer_name].save_pretrained(str(folder / tokenizer_name))

@@ -189,3 +189,51 @@ def run_on_simulated_devices(script: str, *args, devices: int = 8, marker: str, 
     assert result.returncode == 0, result.stderr[-5000:]
     assert marker in result.stdout
     return result.stdout
+
+
+# A tiny SDXL base: CLIP ViT-L-like and bigG-like towers (hidden 32 each: a 64-wide context), the released
+# configs' legacy token ids (eos 2: pool at the largest id), a U-Net with SDXL's text-time conditioning.
+TINY_SDXL_TEXT = {**TINY_CLIP, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+TINY_SDXL_TEXT_2 = {**TINY_SDXL_TEXT, "hidden_act": "gelu", "num_hidden_layers": 4, "projection_dim": 16}
+TINY_SDXL_UNET = dict(
+    TINY_UNET,
+    sample_size=8,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=(1, 1, 2),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8,
+)
+# As stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json.
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+                      use_karras_sigmas=False)
+
+
+def save_sdxl_pipeline(path: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """A whole tiny diffusers StableDiffusionXLPipeline (random weights; the bundled CLIP vocabulary for both
+    tokenizers, the second padding with "!" as SDXL's tokenizer_2 does), saved to ``path``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdjax.tokenizer import bundled_tokenizer_dir
+
+    seeded(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=randomize_(AutoencoderKL(**{**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}), seed + 1),
+        text_encoder=randomize_(CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT)), seed + 2),
+        text_encoder_2=randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2)), seed + 3),
+        tokenizer=CLIPTokenizer.from_pretrained(str(bundled_tokenizer_dir())),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(bundled_tokenizer_dir()), pad_token="!"),
+        unet=randomize_(UNet2DConditionModel(**TINY_SDXL_UNET), seed),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
