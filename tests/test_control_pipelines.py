@@ -21,7 +21,7 @@ from sdjax.data import render
 from sdjax.generate import KeyStream
 from sdjax.pipeline import StableDiffusion
 from sdjax.t2i_adapter import load_t2i_adapter
-from test_image_modes import draws_of, init_images, masks
+from test_image_modes import draws_of, init_images, masks, run_diffusers
 
 pytestmark = pytest.mark.xdist_group("control_pipelines")
 
@@ -79,23 +79,13 @@ def torch_controlnet_pipeline(cls_name, path, controlnet_dirs):
     return pipe
 
 
-def run_with_draws(pipe, module_name, monkeypatch, noise, posterior, **call):
-    """A diffusers pipeline with its noise and VAE posterior draws replaced by ours (as test_image_modes)."""
-    import importlib
+def torch_adapter_pipeline(path, adapter_dir):
+    import diffusers
 
-    module = importlib.import_module(f"diffusers.pipelines.{module_name}")
-    queue = list(posterior)
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: nchw(noise))
-
-    def injected_posterior(encoder_output, generator=None, sample_mode="sample"):
-        dist = encoder_output.latent_dist
-        return dist.mean + dist.std * nchw(queue.pop(0))
-
-    monkeypatch.setattr(module, "retrieve_latents", injected_posterior)
-    with torch.no_grad():
-        images = pipe(num_inference_steps=STEPS, output_type="np", **call).images
-    assert not queue, "a posterior draw was not used"
-    return images
+    adapter = diffusers.T2IAdapter.from_pretrained(adapter_dir)
+    pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(path, adapter=adapter, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # --- parity ---------------------------------------------------------------------------------------------------
@@ -122,8 +112,6 @@ def test_controls_on_the_guidance_free_path_match_diffusers(sd, tiny_pipeline_di
                                                             adapter_dir):
     """Guidance 1: diffusers runs no classifier-free guidance, sdjax takes its guidance-free path; a ControlNet
     (guess mode: its ramp, no halves) and an adapter together."""
-    import diffusers
-
     pipe = torch_controlnet_pipeline("StableDiffusionControlNetPipeline", tiny_pipeline_dir, controlnet_dirs[:1])
     with torch.no_grad():
         expected = pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=1.0,
@@ -136,10 +124,7 @@ def test_controls_on_the_guidance_free_path_match_diffusers(sd, tiny_pipeline_di
     print(f"ControlNet without guidance: rel err {err:.2e}")
     assert err < 1e-3
 
-    adapter = diffusers.T2IAdapter.from_pretrained(adapter_dir)
-    adapter_pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(tiny_pipeline_dir, adapter=adapter,
-                                                                           safety_checker=None)
-    adapter_pipe.set_progress_bar_config(disable=True)
+    adapter_pipe = torch_adapter_pipeline(tiny_pipeline_dir, adapter_dir)
     with torch.no_grad():
         expected = adapter_pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=1.0,
                                 latents=nchw(NOISE), adapter_conditioning_scale=0.6, output_type="np").images
@@ -170,9 +155,9 @@ def test_controlnet_image_to_image_matches_diffusers(sd, tiny_pipeline_dir, cont
     pipe = torch_controlnet_pipeline("StableDiffusionControlNetImg2ImgPipeline", tiny_pipeline_dir,
                                      controlnet_dirs[:1])
     noise, posterior = draws_of(2, [KeyStream.IMAGE])
-    expected = run_with_draws(pipe, "controlnet.pipeline_controlnet_img2img", monkeypatch, noise, posterior,
-                              prompt=PROMPTS, image=init_images(), control_image=control_images(), strength=0.7,
-                              guidance_scale=7.5, controlnet_conditioning_scale=0.9, control_guidance_end=0.8)
+    expected = run_diffusers(pipe, monkeypatch, noise, posterior, steps=STEPS, prompt=PROMPTS, image=init_images(),
+                             control_image=control_images(), strength=0.7, guidance_scale=7.5,
+                             controlnet_conditioning_scale=0.9, control_guidance_end=0.8)
     control = Control(controlnets[0], control_images(), scale=0.9, end=0.8)
     latents = sd.image_to_image(PROMPTS, init_images(), 0.7, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise,
                                 controls=[control], output="latent")
@@ -187,9 +172,9 @@ def test_controlnet_inpaint_matches_diffusers(sd, sd_inpaint, tiny_pipeline_dir,
     model, path = (sd_inpaint, tiny_inpaint_dir) if inpainting_unet else (sd, tiny_pipeline_dir)
     pipe = torch_controlnet_pipeline("StableDiffusionControlNetInpaintPipeline", path, controlnet_dirs[:1])
     noise, posterior = draws_of(2, [KeyStream.IMAGE, KeyStream.MASKED_IMAGE])  # strength < 1: both encoded
-    expected = run_with_draws(pipe, "controlnet.pipeline_controlnet_inpaint", monkeypatch, noise, posterior,
-                              prompt=PROMPTS, image=init_images(), mask_image=masks(), control_image=control_images(),
-                              strength=0.8, guidance_scale=7.5, controlnet_conditioning_scale=1.1)
+    expected = run_diffusers(pipe, monkeypatch, noise, posterior, steps=STEPS, prompt=PROMPTS, image=init_images(),
+                             mask_image=masks(), control_image=control_images(), strength=0.8, guidance_scale=7.5,
+                             controlnet_conditioning_scale=1.1)
     control = Control(controlnets[0], control_images(), scale=1.1)
     latents = model.inpaint(PROMPTS, init_images(), masks(), strength=0.8, steps=STEPS, seed=SEED, scheduler="pndm",
                             latents=noise, controls=[control], output="latent")
@@ -212,12 +197,7 @@ def adapter_dir(tmp_path_factory):
 
 
 def test_t2i_adapter_text_to_image_matches_diffusers(sd, tiny_pipeline_dir, adapter_dir):
-    import diffusers
-
-    adapter = diffusers.T2IAdapter.from_pretrained(adapter_dir)
-    pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(tiny_pipeline_dir, adapter=adapter,
-                                                                   safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = torch_adapter_pipeline(tiny_pipeline_dir, adapter_dir)
     with torch.no_grad():
         expected = pipe(PROMPTS, control_images(), num_inference_steps=STEPS, guidance_scale=7.5,
                         latents=nchw(NOISE), adapter_conditioning_scale=0.7, output_type="np").images

@@ -116,7 +116,7 @@ def test_image_to_image_matches_the_deepcache_package(sd, tiny_pipeline_dir, mon
     helper.set_params(cache_interval=2, cache_branch_id=0)
     helper.enable()
     try:
-        expected = run_diffusers(img2img, "pipeline_stable_diffusion_img2img", monkeypatch, noise, posterior,
+        expected = run_diffusers(img2img, monkeypatch, noise, posterior,
                                  prompt=PROMPTS, image=init_images(), strength=0.6, guidance_scale=7.5)
     finally:
         helper.disable()

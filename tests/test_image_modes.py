@@ -91,11 +91,12 @@ def draws_of(count, streams):
     return noise, posterior
 
 
-def run_diffusers(pipe, module_name, monkeypatch, noise, posterior, **call):
-    """Run a diffusers pipeline with its noise and its VAE posterior draws replaced by ours."""
+def run_diffusers(pipe, monkeypatch, noise, posterior, *, steps=STEPS, **call):
+    """Run a diffusers pipeline with its noise and its VAE posterior draws replaced by ours (the draws its own
+    module makes through ``randn_tensor`` and ``retrieve_latents``)."""
     import importlib
 
-    module = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{module_name}")
+    module = importlib.import_module(type(pipe).__module__)
     queue = list(posterior)
 
     def injected_randn(shape, generator=None, device=None, dtype=None, layout=None):
@@ -109,7 +110,7 @@ def run_diffusers(pipe, module_name, monkeypatch, noise, posterior, **call):
     monkeypatch.setattr(module, "randn_tensor", injected_randn)
     monkeypatch.setattr(module, "retrieve_latents", injected_posterior)
     with torch.no_grad():
-        images = pipe(num_inference_steps=STEPS, output_type="np", **call).images
+        images = pipe(num_inference_steps=steps, output_type="np", **call).images
     assert not queue, "a posterior draw was not used"
     return images
 
@@ -122,7 +123,7 @@ def test_image_to_image_matches_diffusers(sd, tiny_pipeline_dir, monkeypatch, st
     pipe = torch_pipeline("StableDiffusionImg2ImgPipeline", tiny_pipeline_dir)
     noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
-        pipe, "pipeline_stable_diffusion_img2img", monkeypatch, noise, posterior,
+        pipe, monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), strength=strength, guidance_scale=7.5,
     )
     latents = sd.image_to_image(
@@ -140,7 +141,7 @@ def test_inpainting_model_matches_diffusers(sd_inpaint, tiny_inpaint_dir, monkey
     streams = [KeyStream.MASKED_IMAGE] if strength == 1.0 else [KeyStream.IMAGE, KeyStream.MASKED_IMAGE]
     noise, posterior = draws_of(2, streams)
     expected = run_diffusers(
-        pipe, "pipeline_stable_diffusion_inpaint", monkeypatch, noise, posterior,
+        pipe, monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), mask_image=masks(), strength=strength, guidance_scale=7.5,
     )
     latents = sd_inpaint.inpaint(
@@ -161,7 +162,7 @@ def test_blended_inpainting_matches_diffusers(sd, tiny_pipeline_dir, monkeypatch
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     noise, posterior = draws_of(2, [KeyStream.IMAGE, KeyStream.MASKED_IMAGE])  # diffusers encodes both
     expected = run_diffusers(
-        pipe, "pipeline_stable_diffusion_inpaint", monkeypatch, noise, posterior,
+        pipe, monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), mask_image=masks(), strength=strength, guidance_scale=7.5,
     )
     latents = sd.inpaint(
@@ -178,7 +179,7 @@ def test_depth_to_image_matches_diffusers(sd_depth, tiny_depth_dir, monkeypatch,
     pipe = torch_pipeline("StableDiffusionDepth2ImgPipeline", tiny_depth_dir, depth_estimator=None, feature_extractor=None)
     noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
-        pipe, "pipeline_stable_diffusion_depth2img", monkeypatch, noise, posterior,
+        pipe, monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), depth_map=torch.from_numpy(depth_maps()), strength=strength,
         guidance_scale=7.5,
     )
@@ -369,7 +370,7 @@ def test_depth_estimator_matches_diffusers(tiny_depth_dir, tmp_path, monkeypatch
     sd.depth_estimator = DepthEstimator(str(tmp_path / "depth_estimator"), str(tmp_path / "feature_extractor"))
     noise, posterior = draws_of(2, [KeyStream.IMAGE])
     expected = run_diffusers(
-        pipe, "pipeline_stable_diffusion_depth2img", monkeypatch, noise, posterior,
+        pipe, monkeypatch, noise, posterior,
         prompt=PROMPTS, image=init_images(), strength=0.75, guidance_scale=7.5,
     )
     latents = sd.depth_to_image(PROMPTS, init_images(), strength=0.75, steps=STEPS, seed=SEED, scheduler="pndm", latents=noise,

@@ -36,7 +36,7 @@ def test_weighted_long_embedding_prompts_in_image_to_image(tiny_pipeline_dir, mo
 
     pipe = torch_pipeline("StableDiffusionImg2ImgPipeline", tiny_pipeline_dir)
     noise, posterior = draws_of(2, [KeyStream.IMAGE])
-    expected = run_diffusers(pipe, "pipeline_stable_diffusion_img2img", monkeypatch, noise, posterior,
+    expected = run_diffusers(pipe, monkeypatch, noise, posterior,
                              prompt_embeds=torch.stack(embeds[:2]), negative_prompt_embeds=torch.stack(embeds[2:]),
                              image=init_images(), strength=0.75, guidance_scale=7.5)
     latents = sd.image_to_image(PROMPTS, init_images(), 0.75, negative_prompt=NEGATIVES, steps=STEPS, seed=SEED,
