@@ -30,22 +30,13 @@ import numpy as np
 from sdjax import data, train
 from sdjax.config import ControlNetConfig, UNetConfig
 from sdjax.controlnet import ControlNet, save_controlnet
-from sdjax.generate import encode_images
-from sdjax.lora_train import (
-    append_log,
-    batch_indices,
-    check_inputs,
-    encode_latents,
-    progress_bar,
-    to_model_range,
-    tokenize_captions,
-)
+from sdjax.lora_train import check_inputs, encode_latents, latents_and_context, tokenize_captions
 from sdjax.models.controlnet import ControlNetModel
 from sdjax.pipeline import StableDiffusion
 from sdjax.preprocess import canny
 from sdjax.schedules import training_alphas_cumprod
+from sdjax.train_loop import LoopPlan, run_training, write_images
 
-CHECKPOINT_FILE = "checkpoint.msgpack"
 # What from_unet copies from the U-Net (diffusers: conv_in, time_proj (no weights), time_embedding, down_blocks,
 # mid_block); everything else of the ControlNet is new.
 COPIED_FROM_UNET = ("conv_in", "time_embedding", "mid_block")
@@ -173,25 +164,12 @@ def conditions_of(images: np.ndarray, condition: str = "canny") -> np.ndarray:
 def make_loss_fn(sd, module: ControlNetModel, config: ControlNetTrainConfig):
     """``loss(controlnet_params, frozen, batch, key)``: the frozen U-Net's denoising loss given the ControlNet's
     residuals. ``batch``: ``ids``, ``conditions`` (uint8) and ``latents`` (cached) or ``pixels`` (uint8)."""
-    models, factor = sd.models, sd.vae_scale_factor
     prediction_type = sd.config.scheduler.prediction_type
-    clip_skip = sd.config.clip_skip
 
     def loss_fn(trainable, frozen, batch, key):
         base = frozen["params"]
         drop_key, vae_key, t_key, noise_key = jax.random.split(key, 4)
-        if "latents" in batch:
-            latents = batch["latents"]
-        else:
-            count, height, width, _ = batch["pixels"].shape
-            shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
-            latents = encode_images(models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
-        latents = jax.lax.stop_gradient(latents)
-        ids = batch["ids"]
-        if config.caption_dropout > 0:
-            ids = train.caption_dropout(drop_key, ids, frozen["empty_ids"], config.caption_dropout)
-        context = jax.lax.stop_gradient(
-            sd.text_encoder.apply({"params": base["text_encoder"]}, ids, skip_layers=clip_skip))
+        latents, context = latents_and_context(sd, config, frozen, {}, batch, drop_key, vae_key)
         condition = batch["conditions"].astype(jnp.float32) / 255.0
 
         def predict(noisy, t):
@@ -275,53 +253,21 @@ def train_controlnet(
         "alphas_cumprod": jnp.asarray(training_alphas_cumprod(sd.config.scheduler, zero_snr=True, terminal_fix=False)),
     }
     state = train.init_state(controlnet.params, optimizer, ema=False)
-    checkpoint = output / CHECKPOINT_FILE if output else None
-    if checkpoint is not None and checkpoint.exists():
-        state, extra = train.restore_checkpoint(checkpoint, state)
-        if extra.get("config") and extra["config"] != _config_record(config):
-            raise ValueError(f"{checkpoint} was written by a run with other settings ({extra['config']}); "
-                             "use another output folder or delete the checkpoint")
-        print(f"resumed from {checkpoint} at step {int(state.step) // config.accumulate_steps}", flush=True)
 
-    parallel = step_fn.parallel
-    state, frozen = parallel.place_params(state), parallel.place_params(frozen)
-    total_micro = config.steps * config.accumulate_steps
-    begin = int(parallel.unreplicate(state.step))
-    bar = progress_bar("train-controlnet", config.steps, begin // config.accumulate_steps, progress)
-    recent: list = []
-    started = time.time()
-    for micro in range(begin, total_micro):
-        chosen = batch_indices(len(images), config.batch_size, micro, config.seed)
-        batch = parallel.place_batch({k: v[chosen] for k, v in examples.items()})
-        state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(jax.random.PRNGKey(config.seed), micro))
-        recent.append(metrics["loss"])
-        if (micro + 1) % config.accumulate_steps:
-            continue
-        step = (micro + 1) // config.accumulate_steps
-        last = step == config.steps
-        if step % config.log_every == 0 or last:
-            loss = float(np.mean([np.mean(np.asarray(v)) for v in recent]))
-            recent = []
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if output:
-                append_log(output / "loss.jsonl", {"step": step, "loss": loss,
-                                                   "seconds": round(time.time() - started, 1)})
-        bar.update(1)
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
-            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": _config_record(config)})
-        if output and config.sample_every and config.sample_prompts and (step % config.sample_every == 0 or last):
-            write_samples(sd, _trained(controlnet, parallel, state), conditions, config, output / "samples", step)
-    bar.close()
+    def sample(params, step: int) -> None:
+        write_samples(sd, _trained(controlnet, params), conditions, config, output / "samples", step)
 
-    trained = _trained(controlnet, parallel, state)
+    params = run_training(step_fn, state, frozen, examples, jax.random.PRNGKey(config.seed),
+                          LoopPlan.of("train-controlnet", config), output, _config_record(config), progress=progress,
+                          sample=sample if config.sample_prompts else None)
+    trained = _trained(controlnet, params)
     if output:
         save_controlnet(trained, output)
     return trained
 
 
-def _trained(initial: ControlNet, parallel, state) -> ControlNet:
-    params = jax.tree.map(jnp.asarray, jax.device_get(parallel.unreplicate(state.params)))
-    return dataclasses.replace(initial, params=params)
+def _trained(initial: ControlNet, params) -> ControlNet:
+    return dataclasses.replace(initial, params=jax.tree.map(jnp.asarray, params))
 
 
 def write_samples(sd, controlnet: ControlNet, conditions: np.ndarray, config: ControlNetTrainConfig, folder: Path,
@@ -333,12 +279,7 @@ def write_samples(sd, controlnet: ControlNet, conditions: np.ndarray, config: Co
     chosen = conditions[np.arange(count) % len(conditions)]
     images = sd.text_to_image(list(config.sample_prompts), steps=config.sample_steps, seed=config.seed,
                               scheduler="dpmpp_2m", controls=[Control(controlnet, chosen)])
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(folder / f"step_{step:06d}_{i}.png")
-        image.save(paths[-1])
-    return paths
+    return write_images(images, folder, step)
 
 
 # --- command line (the options are defined in sdjax.cli_train) ----------------------------------------------

@@ -28,14 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import data, lora_train, train
-from sdjax.generate import encode_images
 from sdjax.layouts.files import write_safetensors
-from sdjax.lora_train import append_log, batch_indices, encode_latents, progress_bar, to_model_range
+from sdjax.lora_train import batch_latents, encode_latents
 from sdjax.pipeline import StableDiffusion
 from sdjax.schedules import training_alphas_cumprod
+from sdjax.train_loop import LoopPlan, run_training, write_images
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
-CHECKPOINT_FILE = "checkpoint.msgpack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +116,12 @@ def token_context(sd, text_params, ids, earlier_rows, vectors):
 def make_loss_fn(sd):
     """``loss(trainable, frozen, batch, key)``: the frozen model's diffusion loss with the token's vectors
     ``trainable["vectors"]`` appended to the earlier added rows ``frozen["earlier_rows"]``."""
-    models, factor = sd.models, sd.vae_scale_factor
     prediction_type = sd.config.scheduler.prediction_type
 
     def loss_fn(trainable, frozen, batch, key):
         base = frozen["params"]
         vae_key, loss_key = jax.random.split(key)
-        if "latents" in batch:
-            latents = batch["latents"]
-        else:
-            count, height, width, _ = batch["pixels"].shape
-            shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
-            latents = encode_images(models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
-        latents = jax.lax.stop_gradient(latents)
+        latents = batch_latents(sd, base, batch, vae_key)
         context = token_context(sd, base["text_encoder"], batch["ids"], frozen["earlier_rows"], trainable["vectors"])
 
         def predict(noisy, t):
@@ -194,65 +186,29 @@ def train_embedding(
         "alphas_cumprod": jnp.asarray(training_alphas_cumprod(sd.config.scheduler, zero_snr=True, terminal_fix=False)),
     }
     state = train.init_state({"vectors": start}, optimizer, ema=False)
-    checkpoint = output / CHECKPOINT_FILE if output else None
-    if checkpoint is not None and checkpoint.exists():
-        state, extra = train.restore_checkpoint(checkpoint, state)
-        if extra.get("config") and extra["config"] != _config_record(config):
-            raise ValueError(f"{checkpoint} was written by a run with other settings ({extra['config']}); "
-                             "use another output folder or delete the checkpoint")
-        print(f"resumed from {checkpoint} at step {int(state.step) // config.accumulate_steps}", flush=True)
 
-    parallel = step_fn.parallel
-    state, frozen = parallel.place_params(state), parallel.place_params(frozen)
-    total_micro = config.steps * config.accumulate_steps
-    begin = int(parallel.unreplicate(state.step))
-    bar = progress_bar("train-embedding", config.steps, begin // config.accumulate_steps, progress)
-    recent: list = []
-    started = time.time()
-    for micro in range(begin, total_micro):
-        chosen = batch_indices(len(images), config.batch_size, micro, config.seed)
-        batch = parallel.place_batch({k: v[chosen] for k, v in examples.items()})
-        state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, micro))
-        recent.append(metrics["loss"])
-        if (micro + 1) % config.accumulate_steps:
-            continue
-        step = (micro + 1) // config.accumulate_steps
-        last = step == config.steps
-        if step % config.log_every == 0 or last:
-            loss = float(np.mean([np.mean(np.asarray(v)) for v in recent]))
-            recent = []
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if output:
-                append_log(output / "loss.jsonl", {"step": step, "loss": loss,
-                                                   "seconds": round(time.time() - started, 1)})
-        bar.update(1)
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
-            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": _config_record(config)})
-        if output and config.sample_every and config.sample_prompts and (step % config.sample_every == 0 or last):
-            sd.add_embedding(_vectors(parallel, state), config.token)
-            write_samples(sd, config, output / "samples", step)
-    bar.close()
+    def sample(params, step: int) -> None:
+        sd.add_embedding(_vectors(params), config.token)
+        write_samples(sd, config, output / "samples", step)
 
-    embedding = TrainedEmbedding(config.token, _vectors(parallel, state))
+    params = run_training(step_fn, state, frozen, examples, key, LoopPlan.of("train-embedding", config), output,
+                          _config_record(config), progress=progress, sample=sample if config.sample_prompts else None)
+
+    embedding = TrainedEmbedding(config.token, _vectors(params))
     sd.add_embedding(embedding.vectors, config.token)
     if output:
         save_embedding(output, embedding)
     return embedding
 
 
-def _vectors(parallel, state) -> np.ndarray:
-    return np.asarray(jax.device_get(parallel.unreplicate(state.params))["vectors"], np.float32)
+def _vectors(params) -> np.ndarray:
+    return np.asarray(params["vectors"], np.float32)
 
 
 def write_samples(sd, config: EmbeddingTrainConfig, folder: Path, step: int) -> list[Path]:
     images = sd.text_to_image(list(config.sample_prompts), steps=config.sample_steps, seed=config.seed,
                               scheduler="dpmpp_2m")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(folder / f"step_{step:06d}_{i}.png")
-        image.save(paths[-1])
-    return paths
+    return write_images(images, folder, step)
 
 
 # --- command line (the options are defined in sdjax.cli_train) ----------------------------------------------

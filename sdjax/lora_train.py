@@ -25,17 +25,16 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from sdjax import data, lora, train
 from sdjax.generate import encode_images
 from sdjax.pipeline import StableDiffusion
 from sdjax.schedules import training_alphas_cumprod
 from sdjax.tokenizer import tokenize
+from sdjax.train_loop import LoopPlan, run_training, write_images
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
-CHECKPOINT_FILE = "checkpoint.msgpack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +67,6 @@ class LoRATrainConfig:
         return targets
 
 
-def batch_indices(num: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """The examples of micro-step ``step``: consecutive slices of a fresh permutation per epoch, a pure
-    function of (step, seed) so a resumed run sees the same data as an uninterrupted one."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, num)
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        chosen = epochs == epoch
-        out[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(num)[offsets[chosen]]
-    return out
-
-
 def tokenize_captions(sd, captions: Sequence[str]) -> np.ndarray:
     max_length = sd.config.text_encoder.max_position_embeddings
     ids, dropped = tokenize(sd.tokenizer, list(captions), max_length)
@@ -102,10 +89,9 @@ def encode_latents(sd, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def latents_and_context(sd, config: LoRATrainConfig, frozen, adapter, batch, drop_key, vae_key):
-    """The scaled latents of a batch (cached, or encoded from its uint8 ``pixels``) and the text context of its
-    captions (dropped to the empty caption at ``caption_dropout``), through the adapter's text-encoder part."""
-    base = frozen["params"]
+def batch_latents(sd, base, batch, vae_key) -> jax.Array:
+    """The scaled latents of a batch: its cached ``latents``, or its uint8 ``pixels`` encoded with ``base["vae"]``
+    (sampling the VAE's posterior with ``vae_key``); constants to the gradient."""
     if "latents" in batch:
         latents = batch["latents"]
     else:
@@ -113,12 +99,20 @@ def latents_and_context(sd, config: LoRATrainConfig, frozen, adapter, batch, dro
         factor = sd.vae_scale_factor
         shape = (count, height // factor, width // factor, sd.config.vae.latent_channels)
         latents = encode_images(sd.models, base, to_model_range(batch["pixels"]), jax.random.normal(vae_key, shape))
+    return jax.lax.stop_gradient(latents)
+
+
+def latents_and_context(sd, config, frozen, adapter, batch, drop_key, vae_key):
+    """The scaled latents of a batch (``batch_latents``) and the text context of its captions (dropped to the
+    empty caption at ``config.caption_dropout``), through the adapter's text-encoder part (``{}``: none)."""
+    base = frozen["params"]
+    latents = batch_latents(sd, base, batch, vae_key)
     ids = batch["ids"]
     if config.caption_dropout > 0:
         ids = train.caption_dropout(drop_key, ids, frozen["empty_ids"], config.caption_dropout)
     with lora.unfused([(adapter.get("text_encoder", {}), 1.0)]):
         context = sd.text_encoder.apply({"params": base["text_encoder"]}, ids, skip_layers=sd.config.clip_skip)
-    return jax.lax.stop_gradient(latents), context
+    return latents, context
 
 
 def make_loss_fn(sd, config: LoRATrainConfig):
@@ -215,47 +209,13 @@ def train_lora(
 
     record = {**_config_record(config), **(objective.record if objective else {})}
     state = train.init_state(trainable, optimizer, ema=False)
-    checkpoint = output / CHECKPOINT_FILE if output else None
-    if checkpoint is not None and checkpoint.exists():
-        state, extra = train.restore_checkpoint(checkpoint, state)
-        if extra.get("config") and extra["config"] != record:
-            raise ValueError(
-                f"{checkpoint} was written by a run with other settings ({extra['config']}); "
-                "use another output folder or delete the checkpoint"
-            )
-        print(f"resumed from {checkpoint} at step {int(state.step) // config.accumulate_steps}", flush=True)
 
-    parallel = step_fn.parallel
-    state, frozen = parallel.place_params(state), parallel.place_params(frozen)
-    total_micro = config.steps * config.accumulate_steps
-    start = int(parallel.unreplicate(state.step))
-    bar = progress_bar("train-lora", config.steps, start // config.accumulate_steps, progress)
-    recent: list[float] = []
-    started = time.time()
-    for micro in range(start, total_micro):
-        chosen = batch_indices(len(images), config.batch_size, micro, config.seed)
-        batch = parallel.place_batch({k: v[chosen] for k, v in examples.items()})
-        state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(key, micro))
-        recent.append(metrics["loss"])
-        if (micro + 1) % config.accumulate_steps:
-            continue
-        step = (micro + 1) // config.accumulate_steps
-        if step % config.log_every == 0 or step == config.steps:
-            loss = float(np.mean([np.mean(np.asarray(v)) for v in recent]))
-            recent = []
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if output:
-                seconds = round(time.time() - started, 1)
-                append_log(output / "loss.jsonl", {"step": step, "loss": loss, "seconds": seconds})
-        bar.update(1)
-        last = step == config.steps
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or last):
-            train.save_checkpoint(checkpoint, parallel.unreplicate(state), {"config": record})
-        if output and config.sample_every and config.sample_prompts and (step % config.sample_every == 0 or last):
-            write_samples(sd, _trained(parallel.unreplicate(state.params), alphas), config, output / "samples", step)
-    bar.close()
+    def sample(params, step: int) -> None:
+        write_samples(sd, _trained(params, alphas), config, output / "samples", step)
 
-    adapter = _trained(parallel.unreplicate(state.params), alphas)
+    params = run_training(step_fn, state, frozen, examples, key, LoopPlan.of("train-lora", config), output, record,
+                          progress=progress, sample=sample if config.sample_prompts else None)
+    adapter = _trained(params, alphas)
     if output:
         lora.save_lora(output / PEFT_FILE, adapter, "peft")
         lora.save_lora(output / KOHYA_FILE, adapter, "kohya")
@@ -272,16 +232,6 @@ def _config_record(config: LoRATrainConfig) -> dict:
     return json.loads(json.dumps({k: getattr(config, k) for k in keep}))
 
 
-def append_log(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def progress_bar(desc: str, total: int, initial: int, enabled: bool):
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step")
-
-
 def write_samples(sd, adapter: dict, config: LoRATrainConfig, folder: Path, step: int) -> list[Path]:
     """Images of ``config.sample_prompts`` with the adapter at scale 1 (same seeds every time)."""
     name = sd.add_lora(adapter, 1.0, "sdjax-training-sample")
@@ -290,12 +240,7 @@ def write_samples(sd, adapter: dict, config: LoRATrainConfig, folder: Path, step
                                   scheduler="dpmpp_2m")
     finally:
         sd.unload_lora(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(folder / f"step_{step:06d}_{i}.png")
-        image.save(paths[-1])
-    return paths
+    return write_images(images, folder, step)
 
 
 # --- command line (the options are defined in sdjax.cli) -----------------------------------------------------
