@@ -82,10 +82,17 @@ def test_vae_loss_falls():
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
-def test_checkpoint_resume_continues_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def one_device_step():
+    """A small denoiser and its 1-device mesh train step, compiled once for the tests below."""
     params, frozen, batch, loss_fn = denoiser_setup(batch_size=4)
-    optimizer = train.adamw(1e-3, warmup_steps=2)
-    step = train.make_train_step(loss_fn, optimizer)
+    optimizer = train.adamw(1e-3, warmup_steps=1)
+    step = train.make_train_step(loss_fn, optimizer, devices=jax.devices()[:1])
+    return params, frozen, batch, loss_fn, optimizer, step
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path, one_device_step):
+    params, frozen, batch, _, optimizer, step = one_device_step
     state = train.init_state(params, optimizer)
     for i in range(2):
         state, _ = step(state, frozen, batch, jax.random.PRNGKey(i))
@@ -117,12 +124,10 @@ def test_train_step_carries_its_data_parallel_setup():
         train.make_train_step(lambda *a: None, optimizer, parallel=pmap, devices=jax.devices())
 
 
-def test_pmap_step_is_the_mesh_step_with_the_device_index_folded_into_the_key():
-    params, frozen, batch, loss_fn = denoiser_setup(batch_size=4)
-    optimizer = train.adamw(1e-3, warmup_steps=1)
+def test_pmap_step_is_the_mesh_step_with_the_device_index_folded_into_the_key(one_device_step):
+    params, frozen, batch, loss_fn, optimizer, mesh_step = one_device_step
     devices = jax.devices()[:1]
     key = jax.random.PRNGKey(5)
-    mesh_step = train.make_train_step(loss_fn, optimizer, devices=devices)
     meshed, mesh_metrics = mesh_step(train.init_state(params, optimizer), frozen, batch, jax.random.fold_in(key, 0))
     pmap_step = train.make_train_step(loss_fn, optimizer, parallel="pmap", devices=devices)
     pmap = pmap_step.parallel
