@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference import decode_unit, rel_err
-from sdjax import fast, lcm_distill, lora_train
+from sdjax import fast, lcm_distill, lora, lora_train
 from sdjax.pipeline import StableDiffusion, builtin_model_dir
 from sdjax.schedules import training_alphas_cumprod
 
@@ -86,11 +86,33 @@ def test_consistency_loss_matches_diffusers_solver_and_boundary(sd, tiny_pipelin
     assert abs(float(loss) - float(expected[0])) <= 1e-4 * abs(float(expected[0])), (float(loss), expected[0])
 
 
+def lcm_lora_error(sd, model_dir, lora_file, steps: int, seed: int) -> float:
+    """diffusers' pipeline from ``model_dir`` with ``LCMScheduler.from_config`` and the LoRA file at guidance 1,
+    against sdjax with the same file on its guidance-free lcm path and the same torch draws: relative error of
+    the decoded images."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(lora_file.parent, weight_name=lora_file.name)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(PROMPTS))]
+    with torch.no_grad():
+        expected = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=1.0, generator=generators,
+                        output_type="np").images
+    name = sd.load_lora(lora_file, strict=True)
+    try:
+        latents = sd.text_to_image(PROMPTS, steps=steps, guidance_scale=None, scheduler="lcm", seed=seed,
+                                   noise="torch-cpu", output="latent")
+    finally:
+        sd.unload_lora(name)
+    return rel_err(decode_unit(sd, latents), expected)
+
+
 def test_cli_distillation_writes_a_lora_diffusers_loads(sd, tiny_pipeline_dir, tmp_path):
     """``sdjax train-lora --distill lcm``: the run logs and saves an adapter; diffusers' LCM pipeline with the
     file equals sdjax with it; going on with other settings is refused."""
-    import diffusers
-
     from sdjax.cli import main
     from test_lora import shapes_folder
 
@@ -101,24 +123,9 @@ def test_cli_distillation_writes_a_lora_diffusers_loads(sd, tiny_pipeline_dir, t
     assert main([*common, "--steps", "3", "--distill", "lcm", "--distill-guidance", "1", "3"]) == 0
     assert (out / "loss.jsonl").read_text().count("\n") == 3
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(out)
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(5 + i) for i in range(len(PROMPTS))]
-    with torch.no_grad():
-        expected = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, generator=generators,
-                        output_type="np").images
-    name = sd.load_lora(out / lora_train.PEFT_FILE, strict=True)
-    try:
-        adapter = sd.params["lora"][name]
-        assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree.leaves(adapter))  # it trained
-        latents = sd.text_to_image(PROMPTS, steps=2, guidance_scale=None, scheduler="lcm", seed=5,
-                                   noise="torch-cpu", output="latent")
-    finally:
-        sd.unload_lora(name)
-    err = rel_err(decode_unit(sd, latents), expected)
+    trained = lora.load_lora_file(out / lora_train.PEFT_FILE, sd.config, strict=True)
+    assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree.leaves(trained))  # it trained
+    err = lcm_lora_error(sd, tiny_pipeline_dir, out / lora_train.PEFT_FILE, steps=2, seed=5)
     print(f"distilled LoRA in diffusers vs sdjax: rel err {err:.2e}")
     assert err < 1e-3
 
@@ -143,24 +150,7 @@ def builtin():
 
 
 def test_builtin_lcm_lora_matches_diffusers(builtin):
-    import diffusers
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(builtin_model_dir(), safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(fast.BUILTIN_LCM_LORA.parent, weight_name=fast.BUILTIN_LCM_LORA.name)
-    pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(3 + i) for i in range(len(PROMPTS))]
-    with torch.no_grad():
-        expected = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, generator=generators,
-                        output_type="np").images
-    name = builtin.load_lora(fast.BUILTIN_LCM_LORA, strict=True)
-    try:
-        latents = builtin.text_to_image(PROMPTS, steps=4, guidance_scale=None, scheduler="lcm", seed=3,
-                                        noise="torch-cpu", output="latent")
-    finally:
-        builtin.unload_lora(name)
-    err = rel_err(decode_unit(builtin, latents), expected)
+    err = lcm_lora_error(builtin, builtin_model_dir(), fast.BUILTIN_LCM_LORA, steps=4, seed=3)
     print(f"built-in LCM-LoRA, 4 steps: diffusers vs sdjax rel err {err:.2e}")
     assert err < 1e-3
     assert fast.BUILTIN_LCM_LORA.stat().st_size < 5e6

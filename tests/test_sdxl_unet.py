@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+import reference
 from reference import nchw, nhwc, rel_err, save_unet
 
 from sdjax import weights
@@ -18,20 +19,12 @@ from sdjax.models.unet import UNet2DConditionModel, text_time_features
 
 SDXL_BASE_PARAMETERS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0's unet
 
-POOLED = 32
-TIME_WIDTH = 8
+# As SDXL base (the tiny SDXL pipeline's U-Net): no attention at the first level, deeper transformers further
+# down, 6 time ids.
+BASE_LIKE = reference.TINY_SDXL_UNET
+TIME_WIDTH = BASE_LIKE["addition_time_embed_dim"]
+POOLED = BASE_LIKE["projection_class_embeddings_input_dim"] - 6 * TIME_WIDTH
 TEXT_TIME = dict(addition_embed_type="text_time", addition_time_embed_dim=TIME_WIDTH, use_linear_projection=True)
-# As SDXL base: no attention at the first level, deeper transformers further down, 6 time ids.
-BASE_LIKE = dict(
-    TEXT_TIME,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2),
-    attention_head_dim=(2, 4, 4),
-    cross_attention_dim=64,
-    projection_class_embeddings_input_dim=POOLED + 6 * TIME_WIDTH,
-)
 # As the refiner: attention-free first and last levels, one depth for all, 5 time ids.
 REFINER_LIKE = dict(
     TEXT_TIME,
@@ -84,13 +77,10 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    cache = {}
-
+    @functools.cache
     def get(name):
-        if name not in cache:
-            overrides, time_ids = MODELS[name]
-            cache[name] = Reference(tmp_path_factory.mktemp(f"sdxl_{name}"), overrides, time_ids)
-        return cache[name]
+        overrides, time_ids = MODELS[name]
+        return Reference(tmp_path_factory.mktemp(f"sdxl_{name}"), overrides, time_ids)
 
     return get
 
@@ -147,7 +137,7 @@ def test_misshaped_added_conditions_are_refused_before_tracing(references):
     _one_line_error(lambda: ref.unet.apply(*args, text_embeds=ref.text_embeds, time_ids=ref.time_ids[:, :5]),
                     r"time_ids \(2, 5\); this U-Net takes")
     _one_line_error(lambda: ref.unet.apply(*args, text_embeds=ref.text_embeds[None], time_ids=ref.time_ids),
-                    r"text_embeds has shape \(1, 2, 32\)")
+                    rf"text_embeds has shape \(1, 2, {POOLED}\)")
     three = np.zeros((3, POOLED), np.float32)
     _one_line_error(lambda: ref.unet.apply(*args, text_embeds=three, time_ids=ref.time_ids), "batch 2 or 1")
 

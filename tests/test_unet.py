@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +65,9 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    cache = {}
-
+    @functools.cache
     def get(name):
-        if name not in cache:
-            cache[name] = Reference(tmp_path_factory.mktemp(name), CONFIGS[name])
-        return cache[name]
+        return Reference(tmp_path_factory.mktemp(name), CONFIGS[name])
 
     return get
 
