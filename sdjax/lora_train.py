@@ -190,9 +190,8 @@ def train_lora(
         clip_norm=config.clip_norm,
         accumulate_steps=config.accumulate_steps,
     )
-    step_fn = train.make_train_step(
-        objective.loss_fn if objective else make_loss_fn(sd, config), optimizer, ema_decay=None, parallel=config.parallel, devices=devices
-    )
+    loss_fn = objective.loss_fn if objective else make_loss_fn(sd, config)
+    step_fn = train.make_train_step(loss_fn, optimizer, ema_decay=None, parallel=config.parallel, devices=devices)
 
     ids = tokenize_captions(sd, captions)
     if config.cache_latents:
